@@ -1,0 +1,146 @@
+"""The options a user passes as ``torch.compile(..., backend="omni_fp8", options={...})``.
+
+Every option is validated here, before any weight is touched: unknown keys, wrong types and
+unsupported values raise a ``ValueError`` that names the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fp8_compile.patterns import LayerPattern
+
+METHODS = ("fp8",)
+ACTIVATION_SCHEMES = ("dynamic", "static")
+GRANULARITIES = ("per_row", "per_tensor")
+CONDITIONING_MODES = ("weight_only", "fp8", "bf16")
+
+# Linears that take one row per sample: AdaLN / modulation projections, timestep, guidance and
+# pooled-text embedders, and the final AdaLN. Public FP8 DiT integrations lost quality on exactly
+# these layers when their activations were quantized, and they are GEMVs, where quantizing the
+# activation buys no speed. They hold ~27% of FLUX.1's weights, so they keep FP8 weights
+# (weight-only) by default rather than staying BF16. Matched like ``ignored_layers``.
+DEFAULT_CONDITIONING_LAYERS: tuple[str, ...] = (
+    "norm1.linear",
+    "norm1_context.linear",
+    "norm.linear",
+    "norm_out.linear",
+    "img_mod",
+    "txt_mod",
+    "adaLN_modulation",
+    "double_stream_modulation_img",
+    "double_stream_modulation_txt",
+    "single_stream_modulation",
+    "time_text_embed",
+    "time_guidance_embed",
+    "time_condition_embed",
+    "time_embed",
+    "t_embedder",
+    "condition_embedder.time_embedder",
+    "condition_embedder.time_proj",
+)
+
+
+# Linears whose weight dtype the model code reads to cast their input (Z-Image's timestep
+# embedder does ``t.to(self.mlp[0].weight.dtype)``); an FP8 weight there would make it cast the
+# input to FP8, so they keep their dtype.
+DTYPE_READ_LAYERS: tuple[str, ...] = ("t_embedder.mlp.0",)
+
+
+def _suggest(value: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(value, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _choice(key: str, value: Any, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        hint = _suggest(value, choices) if isinstance(value, str) else ""
+        raise ValueError(f"omni_fp8 option {key!r} must be one of {list(choices)}, got {value!r}{hint}")
+    return value
+
+
+def _patterns(key: str, value: Any) -> tuple[str, ...]:
+    # A single string is one pattern, not a sequence of one-letter patterns.
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, Sequence) or not all(isinstance(p, str) and p for p in value):
+        raise ValueError(
+            f"omni_fp8 option {key!r} must be a list of non-empty layer-name patterns "
+            f"(strings such as 'img_mlp', '*.to_q' or 're:.*attn\\.to_(q|k)'), got {value!r}"
+        )
+    for pattern in value:
+        LayerPattern(pattern)  # raises on an invalid regular expression
+    return tuple(value)
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"omni_fp8 option {key!r} must be True or False, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Fp8Config:
+    """What to quantize and how.
+
+    ``granularity`` is the scaling granularity of both operands: ``"per_row"`` scales each token
+    of the activation and each output channel of the weight (the default: lower error than one
+    scale per tensor, and as fast on Hopper, see the README), ``"per_tensor"`` uses one scale each.
+    ``conditioning`` says how the layers matched by ``conditioning_layers`` are handled:
+    ``"weight_only"`` (FP8 weights, BF16 activations), ``"fp8"`` (like every other layer) or
+    ``"bf16"`` (left alone). ``fast_accum`` lets the FP8 tensor cores accumulate in reduced
+    precision (faster on Hopper; the error it adds is measured in the benchmark).
+    """
+
+    method: str = "fp8"
+    ignored_layers: tuple[str, ...] = ()
+    activation_scheme: str = "dynamic"
+    weight_block_size: tuple[int, int] | None = None
+    granularity: str = "per_row"
+    conditioning: str = "weight_only"
+    conditioning_layers: tuple[str, ...] = field(default=DEFAULT_CONDITIONING_LAYERS)
+    fast_accum: bool = True
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | Fp8Config | None) -> Fp8Config:
+        """Build a validated config from the user's ``options`` dict (or pass a config through)."""
+        if options is None:
+            return cls()
+        if isinstance(options, Fp8Config):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(f"omni_fp8 options must be a dict, got {type(options).__name__}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
+            if key not in valid:
+                hint = _suggest(key, valid) if isinstance(key, str) else ""
+                raise ValueError(f"unknown omni_fp8 option {key!r}{hint}; valid options: {valid}")
+        return cls(**options)
+
+    def __post_init__(self) -> None:
+        # Normalise and validate in place (the dataclass is frozen, hence object.__setattr__).
+        set_ = object.__setattr__
+        _choice("method", self.method, METHODS)
+        set_(self, "ignored_layers", _patterns("ignored_layers", self.ignored_layers))
+        _choice("activation_scheme", self.activation_scheme, ACTIVATION_SCHEMES)
+        if self.activation_scheme == "static":
+            raise ValueError(
+                "omni_fp8 option 'activation_scheme'='static' needs calibrated activation scales, "
+                "which this version does not support yet; use 'dynamic'"
+            )
+        if self.weight_block_size is not None:
+            raise ValueError(
+                "omni_fp8 option 'weight_block_size' (block-wise weight scales) is not supported yet; "
+                "leave it None and choose 'granularity' ('per_row' or 'per_tensor')"
+            )
+        _choice("granularity", self.granularity, GRANULARITIES)
+        _choice("conditioning", self.conditioning, CONDITIONING_MODES)
+        set_(self, "conditioning_layers", _patterns("conditioning_layers", self.conditioning_layers))
+        _flag("fast_accum", self.fast_accum)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
