@@ -1,0 +1,118 @@
+"""FP8 primitives: weight and activation quantization, the FP8 GEMM and the weight-only GEMM.
+
+These are plain torch functions: the graph passes insert calls to them into the traced graph,
+and Inductor traces through them and fuses their element-wise work into the surrounding kernels.
+The two ``fp8_compile::`` custom ops wrap the linear layers for eager execution (a converted
+module run outside ``torch.compile``), and are what the passes find in a traced graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
+# Floor for an amax so that an all-zero row or tensor gets a tiny scale instead of 0 (0/0 = NaN).
+AMAX_FLOOR = 1e-12
+
+
+def _amax(t: torch.Tensor, granularity: str, dim: int) -> torch.Tensor:
+    if granularity == "per_row":
+        return t.abs().amax(dim=dim, keepdim=True).float()
+    return t.abs().amax().float()
+
+
+def quantize_weight(weight: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] weight -> (FP8 weight [N, K], float32 scale: [N, 1] per row, [] per tensor).
+
+    Raises ValueError on a non-finite weight, which no scale can represent.
+    """
+    w = weight.detach().float()
+    amax = _amax(w, granularity, dim=1)
+    if not torch.isfinite(amax).all():
+        raise ValueError("weight contains Inf or NaN")
+    scale = amax.clamp_min(AMAX_FLOOR) / FP8_MAX
+    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def quantize_activation(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic scaling of a [M, K] activation: (FP8 [M, K], float32 scale [M, 1] or []).
+
+    A NaN or Inf in the input makes its scale NaN or Inf, so the GEMM output is NaN there rather
+    than a finite wrong value.
+    """
+    scale = _amax(x, granularity, dim=-1).clamp_min(AMAX_FLOOR) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def fp8_matmul(
+    x_fp8: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    fast_accum: bool,
+) -> torch.Tensor:
+    """[M, K] x [N, K]^T in FP8 with the scales and the bias applied in the GEMM epilogue."""
+    return torch._scaled_mm(
+        x_fp8,
+        weight_fp8.t(),
+        scale_a=x_scale,
+        scale_b=weight_scale.t(),
+        bias=bias,
+        out_dtype=out_dtype,
+        use_fast_accum=fast_accum,
+    )
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    granularity: str,
+    fast_accum: bool,
+) -> torch.Tensor:
+    """``F.linear`` with a dynamically quantized activation and an FP8 weight (W8A8)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    x_fp8, x_scale = quantize_activation(x2d, granularity)
+    out = fp8_matmul(x_fp8, x_scale, weight_fp8, weight_scale, bias, x.dtype, fast_accum)
+    return out.reshape(*x.shape[:-1], weight_fp8.shape[0])
+
+
+def weight_only_linear(
+    x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``F.linear`` with an FP8 weight dequantized to the activation's dtype (W8A16)."""
+    return F.linear(x, weight_fp8.to(x.dtype) * weight_scale.to(x.dtype), bias)
+
+
+@torch.library.custom_op("fp8_compile::scaled_linear", mutates_args=())
+def scaled_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    granularity: str,
+    fast_accum: bool,
+) -> torch.Tensor:
+    return fp8_linear(x, weight, weight_scale, bias, granularity, fast_accum)
+
+
+@scaled_linear.register_fake
+def _(x, weight, weight_scale, bias, granularity, fast_accum):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("fp8_compile::weight_only_scaled_linear", mutates_args=())
+def weight_only_scaled_linear(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return weight_only_linear(x, weight, weight_scale, bias)
+
+
+@weight_only_scaled_linear.register_fake
+def _(x, weight, weight_scale, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,93 @@
+"""FP8 primitives against float64 references, with bounds that follow from e4m3's precision.
+
+e4m3 keeps 3 mantissa bits: rounding a normal value moves it by at most 2**-4 of itself; below
+the smallest normal (2**-6, after scaling) the grid is absolute, 2**-9 apart, so rounding moves
+a value by at most 2**-10 (times the scale). Values are scaled so that the amax lands on 448.
+"""
+
+import pytest
+import torch
+
+from fp8_compile import ops
+
+REL = 2.0**-4
+SUBNORMAL = 2.0**-10
+
+
+def dequantize(q, scale):
+    return q.double() * scale.double()
+
+
+@pytest.mark.parametrize("granularity", ["per_row", "per_tensor"])
+def test_weight_quantization_error_is_within_one_rounding(granularity):
+    w = torch.randn(48, 64, dtype=torch.bfloat16) * torch.logspace(-3, 2, 48)[:, None]
+    q, scale = ops.quantize_weight(w, granularity)
+    assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
+    assert scale.shape == ((48, 1) if granularity == "per_row" else ())
+    err = (dequantize(q, scale) - w.double()).abs()
+    assert (err <= REL * w.double().abs() + SUBNORMAL * scale.double() + 1e-30).all()
+    # the largest magnitude of each scaled group lands on the top of the range
+    top = q.float().abs().amax(dim=1) if granularity == "per_row" else q.float().abs().amax()
+    assert (top == ops.FP8_MAX).all()
+
+
+def test_zero_weight_and_activation_give_zeros_not_nan():
+    q, scale = ops.quantize_weight(torch.zeros(16, 16), "per_row")
+    assert torch.isfinite(scale).all() and (q.float() == 0).all()
+    xq, x_scale = ops.quantize_activation(torch.zeros(4, 16, dtype=torch.bfloat16), "per_row")
+    assert torch.isfinite(x_scale).all() and (xq.float() == 0).all()
+
+
+def test_non_finite_weight_is_refused():
+    w = torch.ones(16, 16)
+    w[3, 4] = float("inf")
+    with pytest.raises(ValueError, match="Inf or NaN"):
+        ops.quantize_weight(w, "per_tensor")
+
+
+@pytest.mark.parametrize("granularity", ["per_row", "per_tensor"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_linear_is_within_the_e4m3_bound_of_float64(granularity, bias):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16) * 3
+    w = torch.randn(32, 64, dtype=torch.bfloat16) * 0.05
+    b = torch.randn(32, dtype=torch.bfloat16) if bias else None
+    wq, w_scale = ops.quantize_weight(w, granularity)
+    out = ops.fp8_linear(x, wq, w_scale, b, granularity, fast_accum=False)
+    assert out.shape == (3, 5, 32) and out.dtype == torch.bfloat16
+
+    ref = x.double() @ w.double().T + (b.double() if bias else 0)
+    # |x(1+d) w(1+e) - x w| <= (2*2**-4 + 2**-8)|x||w| per term, plus the subnormal slack of each
+    # operand and the final bf16 rounding of the output (2**-8 relative).
+    _, x_scale = ops.quantize_activation(x.reshape(-1, 64), granularity)
+    x_slack = SUBNORMAL * x_scale.double().reshape(*(x.shape[:2] if granularity == "per_row" else ()), 1)
+    w_slack = SUBNORMAL * w_scale.double().reshape(-1)
+    bound = (
+        (2 * REL + REL**2) * (x.double().abs() @ w.double().abs().T)
+        + x_slack * w.double().abs().sum(1)
+        + w_slack * x.double().abs().sum(-1, keepdim=True)
+        + 2.0**-8 * ref.abs()
+    )
+    assert ((out.double() - ref).abs() <= bound + 1e-6).all()
+    assert ((out.double() - ref).norm() / ref.norm()) < 0.08
+
+
+def test_nan_or_inf_activation_gives_nan_not_a_finite_value():
+    w = torch.randn(16, 32, dtype=torch.bfloat16)
+    wq, w_scale = ops.quantize_weight(w, "per_tensor")
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(4, 32, dtype=torch.bfloat16)
+        x[1, 3] = bad
+        out = ops.fp8_linear(x, wq, w_scale, None, "per_tensor", False)
+        assert torch.isnan(out).all()  # one scale for the tensor: every row is poisoned
+        out = ops.fp8_linear(x, *ops.quantize_weight(w, "per_row"), None, "per_row", False)
+        assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2, 3]]).all()
+
+
+def test_weight_only_linear_matches_dequantized_reference():
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    w = torch.randn(32, 64, dtype=torch.bfloat16)
+    wq, scale = ops.quantize_weight(w, "per_row")
+    out = ops.weight_only_linear(x, wq, scale, None)
+    ref = x.double() @ dequantize(wq, scale).T
+    assert ((out.double() - ref).norm() / ref.norm()) < 2**-7
