@@ -1,0 +1,28 @@
+"""fp8_compile: the ``omni_fp8`` torch.compile backend for diffusion transformers in FP8.
+
+    model = torch.compile(model, backend="omni_fp8", options={"ignored_layers": ["img_mlp"]})
+
+The backend is registered through the ``torch_dynamo_backends`` entry point, so no import is
+needed for that line; import this package for the explicit API below.
+"""
+
+import logging
+
+from fp8_compile.config import DEFAULT_CONDITIONING_LAYERS, Fp8Config
+from fp8_compile.convert import quantize_
+from fp8_compile.modules import ScaledLinear
+from fp8_compile.report import Decision, LayerReport, QuantizationReport, quantization_report
+
+logging.getLogger("fp8_compile").addHandler(logging.NullHandler())
+
+__all__ = [
+    "DEFAULT_CONDITIONING_LAYERS",
+    "Decision",
+    "Fp8Config",
+    "LayerReport",
+    "QuantizationReport",
+    "ScaledLinear",
+    "quantization_report",
+    "quantize_",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,122 @@
+"""The ``omni_fp8`` torch.compile backend.
+
+    trace (Dynamo) -> match -> quantize -> fuse -> lower -> Inductor
+
+Dynamo hands over a traced graph. ``MatchLinearLayers`` finds its linear layers. If the model
+behind them has not been converted yet, the graph is returned wrapped in
+:class:`ConvertOnFirstCall`: its first call converts the model's weights to FP8 (once, freeing
+the BF16 copies) and computes that call in FP8 eagerly; the conversion changes the module
+state that Dynamo guards on, so the next call is traced again, now through the FP8 modules,
+and compiled for good. Converting with ``fp8_compile.quantize_`` before compiling skips that
+first trace. A graph of converted modules runs through the passes below, in this order, and
+then through Inductor, which generates the FP8 kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._inductor.compile_fx import compile_fx
+
+from fp8_compile.config import Fp8Config
+from fp8_compile.convert import convert_owner_of, is_pending, keep_weights
+from fp8_compile.hardware import device_of, select_lowering
+from fp8_compile.modules import ScaledLinear
+from fp8_compile.passes import (
+    LINEAR_TARGETS,
+    Fp8Graph,
+    LayerKind,
+    LowerWeightOnly,
+    MatchLinearLayers,
+    PassManager,
+    QuantizeLinear,
+    UseWeightOnlyWithoutFp8Gemm,
+    linear_args,
+)
+
+logger = logging.getLogger("fp8_compile")
+
+FP8_PASSES = PassManager(
+    [
+        UseWeightOnlyWithoutFp8Gemm(),  # lower: no FP8 GEMM on this device -> weight-only
+        QuantizeLinear(),  # quantize: activation-quantize + scaled-mm nodes
+        LowerWeightOnly(),  # lower: weight-only layers -> dequantize + GEMM
+    ]
+)
+
+
+def omni_fp8(
+    gm: fx.GraphModule,
+    example_inputs: list,
+    options: Mapping[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable:
+    """Compile a Dynamo graph with its linear layers in FP8. Registered as ``backend="omni_fp8"``."""
+    config = Fp8Config.from_options(options)
+    graph = Fp8Graph(gm, list(example_inputs), config, select_lowering(device_of(example_inputs)))
+    MatchLinearLayers()(graph)
+    if any(layer.kind is LayerKind.BF16 and is_pending(layer.weight) for layer in graph.layers):
+        return ConvertOnFirstCall(graph, mode)
+    return compile_graph(graph, mode)
+
+
+def compile_graph(graph: Fp8Graph, mode: str | None) -> Callable:
+    """Run the FP8 passes on a matched graph, then Inductor."""
+    FP8_PASSES(graph)
+    fp8_layers = sum(layer.kind is not LayerKind.BF16 for layer in graph.layers)
+    logger.debug("omni_fp8: compiling a graph with %d FP8 layers of %d", fp8_layers, len(graph.layers))
+    patches = torch._inductor.list_mode_options(mode) if mode else {}
+    return compile_fx(graph.gm, graph.example_inputs, config_patches=patches)
+
+
+class ConvertOnFirstCall:
+    """A graph traced before its model was converted to FP8.
+
+    Each call converts the model behind any weight still waiting for it, then computes in FP8
+    eagerly. Dynamo traces the converted model again on its next call, so a model meets this
+    once. A graph in which no layer was converted (all ignored, say) is compiled as it is.
+    It keeps no reference to the example inputs, so the BF16 weights are freed on conversion.
+    """
+
+    def __init__(self, graph: Fp8Graph, mode: str | None):
+        self.gm, self.config, self.lowering, self.mode = graph.gm, graph.config, graph.lowering, mode
+        placeholders = [n for n in graph.gm.graph.nodes if n.op == "placeholder"]
+        self.weight_positions = sorted(
+            {placeholders.index(linear_args(layer.node.args, layer.node.kwargs)[1]) for layer in graph.layers}
+        )
+        self.compiled: Callable | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is not None:
+            return self.compiled(*args)
+        weights = [args[i] for i in self.weight_positions]
+        pending = [w for w in weights if is_pending(w)]
+        replaced = convert_owner_of(pending, self.config) if pending else {}
+        # Weights that no conversion reached (linears called on a bare parameter) stay as they are.
+        keep_weights((w for w in pending if id(w) not in replaced and is_pending(w)), "not an nn.Linear")
+        if any(id(w) in replaced for w in weights):
+            return _RunWithConvertedWeights(self.gm, replaced).run(*args)
+        graph = Fp8Graph(self.gm, list(args), self.config, self.lowering)
+        MatchLinearLayers()(graph)
+        self.compiled = compile_graph(graph, self.mode)
+        return self.compiled(*args)
+
+
+class _RunWithConvertedWeights(fx.Interpreter):
+    """Runs a graph eagerly, with each converted layer's FP8 weights in place of its old ones."""
+
+    def __init__(self, gm: fx.GraphModule, replaced: dict[int, ScaledLinear]):
+        super().__init__(gm)
+        self.replaced = replaced
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if target in LINEAR_TARGETS:
+            x, weight, bias = linear_args(args, kwargs)
+            module = self.replaced.get(id(weight))
+            if module is not None:
+                return module.linear(x, bias)
+        return super().call_function(target, args, kwargs)

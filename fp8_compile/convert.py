@@ -1,0 +1,207 @@
+"""Weight conversion: decide per layer, then turn BF16 linears into FP8 ``ScaledLinear`` ones.
+
+Conversion happens once per layer. ``quantize_(model, options)`` does it explicitly at load
+time; otherwise the backend does it on the first call of the first graph that uses a layer
+(see ``backend.py``). Either way every layer is decided from its qualified name by the same
+rules, recorded in the model's :class:`QuantizationReport`, and its BF16 weight is freed as
+soon as its FP8 copy exists (layer by layer, so the peak is one layer above the BF16 model).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.weak import WeakIdKeyDictionary
+from tqdm.auto import tqdm
+
+from fp8_compile.config import DTYPE_READ_LAYERS, Fp8Config
+from fp8_compile.modules import ScaledLinear
+from fp8_compile.patterns import LayerPattern, LayerPatterns, closest_names
+from fp8_compile.report import Decision, LayerReport, QuantizationReport, quantization_report, record_report
+
+logger = logging.getLogger("fp8_compile")
+
+_CONVERTIBLE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_GEMM_ALIGNMENT = 16  # FP8 GEMMs need K and N to be multiples of 16
+_DTYPE_READ = LayerPatterns(DTYPE_READ_LAYERS)
+
+# Weights that a conversion decided to keep in their dtype, so that a graph using them is not
+# taken for one whose model still waits for conversion.
+_KEPT_WEIGHTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    module: nn.Linear
+    decision: Decision
+    reason: str
+
+
+def _decide(name: str, module: nn.Linear, config: Fp8Config, ignored: LayerPatterns, conditioning: LayerPatterns):
+    pattern = ignored.first_match(name)
+    if pattern is not None:
+        return Decision.BF16, f"ignored by {pattern!r}"
+    if _DTYPE_READ.first_match(name) is not None:
+        return Decision.BF16, "the model reads its weight dtype"
+    if module.weight.dtype not in _CONVERTIBLE_DTYPES:
+        return Decision.BF16, f"weight dtype {module.weight.dtype}"
+    pattern = conditioning.first_match(name)
+    if pattern is not None and config.conditioning != "fp8":
+        if config.conditioning == "bf16":
+            return Decision.BF16, "conditioning layer"
+        return Decision.WEIGHT_ONLY, "conditioning layer"
+    for dim, size in (("K", module.in_features), ("N", module.out_features)):
+        if size % _GEMM_ALIGNMENT:
+            return Decision.BF16, f"{dim}={size} not a multiple of {_GEMM_ALIGNMENT}"
+    return Decision.FP8, "fp8"
+
+
+def plan_layers(named_modules: Iterable[tuple[str, nn.Module]], config: Fp8Config) -> list[LayerPlan]:
+    """Decide every ``nn.Linear`` among ``named_modules``; nothing is changed yet.
+
+    Raises ValueError, naming the layer, when a weight to be quantized holds Inf or NaN.
+    """
+    ignored = LayerPatterns(config.ignored_layers)
+    conditioning = LayerPatterns(config.conditioning_layers)
+    plans = []
+    for name, module in named_modules:
+        # ScaledLinear layers were converted already; other Linear subclasses (LoRA wrappers,
+        # quantized layers of other libraries) have forward code that a swap would bypass.
+        if type(module) is not nn.Linear:
+            continue
+        decision, reason = _decide(name, module, config, ignored, conditioning)
+        if decision is not Decision.BF16 and not torch.isfinite(module.weight).all():
+            raise ValueError(
+                f"omni_fp8: layer {name!r} has Inf or NaN in its weight, which FP8 cannot scale; "
+                f"repair the checkpoint or keep the layer in BF16 with ignored_layers=[{name!r}]"
+            )
+        plans.append(LayerPlan(name, module, decision, reason))
+    return plans
+
+
+def warn_unmatched_patterns(patterns: Iterable[str], model: nn.Module) -> None:
+    """Warn about ``ignored_layers`` patterns that match no linear layer of ``model``."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for pattern in patterns:
+        if not any(LayerPattern(pattern).matches(name) for name in names):
+            close = closest_names(pattern, names)
+            logger.warning(
+                "omni_fp8: ignored_layers pattern %r matches no linear layer of %s%s",
+                pattern,
+                type(model).__name__,
+                f"; closest layer names: {', '.join(close)}" if close else "",
+            )
+
+
+def _bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def apply_plans(plans: list[LayerPlan], config: Fp8Config) -> QuantizationReport:
+    """Convert the planned layers one by one; returns what was done."""
+    report = QuantizationReport()
+    for plan in tqdm(plans, desc="omni_fp8: converting weights", unit="layer", disable=None, leave=False):
+        module = plan.module
+        report.layers.append(
+            LayerReport(plan.name, module.out_features, module.in_features, plan.decision, plan.reason)
+        )
+        if plan.decision is Decision.BF16:
+            _KEPT_WEIGHTS[module.weight] = plan.reason
+            continue
+        report.bytes_before += _bytes(module.weight, module.bias)
+        ScaledLinear.convert(
+            module,
+            quantize_input=plan.decision is Decision.FP8,
+            granularity=config.granularity,
+            fast_accum=config.fast_accum,
+        )
+        report.bytes_after += _bytes(module.weight, module.weight_scale, module.bias)
+    return report
+
+
+def convert_model(
+    model: nn.Module, named_modules: Iterable[tuple[str, nn.Module]], config: Fp8Config
+) -> dict[int, ScaledLinear]:
+    """Plan and convert ``named_modules`` (all inside ``model``); the report is kept on ``model``.
+
+    Returns the converted layers keyed by the id of the weight each one replaced.
+    """
+    warn_unmatched_patterns(config.ignored_layers, model)
+    plans = plan_layers(named_modules, config)
+    replaced = {id(plan.module.weight): plan.module for plan in plans if plan.decision is not Decision.BF16}
+    report = record_report(model, apply_plans(plans, config))
+    logger.info("omni_fp8 %s: %s", type(model).__name__, report.summary())
+    return replaced
+
+
+def quantize_(model: nn.Module, options: Mapping[str, Any] | Fp8Config | None = None) -> QuantizationReport:
+    """Convert ``model``'s linear layers to FP8 in place, at load time (torchao style).
+
+    ``options`` are those of ``torch.compile(..., backend="omni_fp8", options=...)``. Compile the
+    model afterwards with the same backend; running it uncompiled also works (slower kernels).
+    Layers converted earlier are left as they are, so calling this twice converts nothing twice.
+    Returns the model's report, which accumulates over conversions.
+    """
+    config = Fp8Config.from_options(options)
+    model = getattr(model, "_orig_mod", model)
+    convert_model(model, model.named_modules(), config)
+    return quantization_report(model)
+
+
+def is_pending(weight: torch.Tensor) -> bool:
+    """A BF16/FP16/FP32 parameter of a linear that no conversion has decided on yet."""
+    return isinstance(weight, nn.Parameter) and weight.dtype in _CONVERTIBLE_DTYPES and weight not in _KEPT_WEIGHTS
+
+
+def keep_weights(weights: Iterable[torch.Tensor], reason: str) -> None:
+    for weight in weights:
+        _KEPT_WEIGHTS[weight] = reason
+
+
+def _modules_on_call_stack() -> list[nn.Module]:
+    """The nn.Modules whose methods are running now, innermost first (compile wrappers unwrapped)."""
+    found: list[nn.Module] = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_locals.get("self")
+        if isinstance(module, nn.Module):
+            module = getattr(module, "_orig_mod", module)
+            if not any(module is m for m in found):
+                found.append(module)
+        frame = frame.f_back
+    return found
+
+
+def convert_owner_of(weights: list[torch.Tensor], config: Fp8Config) -> dict[int, ScaledLinear]:
+    """Convert the model that owns ``weights``, found among the modules running on the call stack.
+
+    The owner is the innermost running module holding all of them: the compiled model, or with
+    regional compilation (``compile_repeated_blocks``, ``block.compile()``) one block. Blocks
+    of one class share one compiled graph, so every module of the owner's class inside the
+    outermost running model is converted with it; that model names the layers. Returns what
+    :func:`convert_model` returns.
+    """
+    stack = _modules_on_call_stack()
+    wanted = {id(w) for w in weights}
+    owner = next((m for m in stack if wanted <= {id(p) for p in m.parameters()}), None)
+    if owner is None:
+        raise RuntimeError(
+            "omni_fp8 could not find the nn.Module that owns the weights it was asked to quantize "
+            "(a compiled function rather than a module?). Compile the module itself with "
+            "torch.compile(module, backend='omni_fp8'), or convert it first with "
+            "fp8_compile.quantize_(module, options)."
+        )
+    root = [m for m in stack if any(sub is owner for sub in m.modules())][-1]
+    named = []
+    for unit_name, unit in root.named_modules():
+        if type(unit) is type(owner):
+            prefix = f"{unit_name}." if unit_name else ""
+            named.extend((prefix + name, module) for name, module in unit.named_modules())
+    return convert_model(root, named, config)

@@ -1,0 +1,35 @@
+"""The graph passes of omni_fp8, one transformation per module (installed as ``fp8_compile.passes``).
+
+The backend applies them in this order: match -> (lower to weight-only where the device has no
+FP8 GEMM) -> quantize -> lower weight-only layers; Inductor then fuses and generates the kernels.
+"""
+
+from fp8_compile.passes.graph import (
+    LINEAR_TARGETS,
+    Fp8Graph,
+    LayerKind,
+    LinearLayer,
+    Lowering,
+    linear_args,
+    source_module_path,
+)
+from fp8_compile.passes.lower_weight_only import LowerWeightOnly, UseWeightOnlyWithoutFp8Gemm
+from fp8_compile.passes.match_layers import MatchLinearLayers
+from fp8_compile.passes.pass_manager import GraphPass, PassManager
+from fp8_compile.passes.quantize_linear import QuantizeLinear
+
+__all__ = [
+    "LINEAR_TARGETS",
+    "Fp8Graph",
+    "GraphPass",
+    "LayerKind",
+    "LinearLayer",
+    "LowerWeightOnly",
+    "Lowering",
+    "MatchLinearLayers",
+    "PassManager",
+    "QuantizeLinear",
+    "UseWeightOnlyWithoutFp8Gemm",
+    "linear_args",
+    "source_module_path",
+]

@@ -1,0 +1,163 @@
+"""The backend's contract: registration, options, conversion once, recompiles, regional compile."""
+
+import copy
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fp8_compile
+from fp8_compile import Decision, ScaledLinear
+from fp8_compile.passes import source_module_path
+from fp8_compile.zoo import DITS, Resolution
+
+from conftest import SMALL, build, first_output, rel_error, unique_graphs
+
+BLOCKS_ONLY = ["re:^(?!transformer_blocks|single_transformer_blocks).*"]  # keep the outer layers BF16
+
+
+def test_backend_name_works_without_importing_the_package():
+    code = (
+        "import sys, torch\n"
+        "m = torch.nn.Linear(64, 32)\n"
+        "with torch.no_grad():\n"
+        "    torch.compile(m, backend='omni_fp8')(torch.randn(4, 64))\n"
+        "print(type(m).__name__, m.weight.dtype)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ScaledLinear torch.float8_e4m3fn" in out.stdout
+
+
+def test_bad_option_fails_before_any_weight_is_touched(tiny_flux):
+    model, inputs, _ = tiny_flux
+    compiled = torch.compile(model, backend="omni_fp8", options={"ignored_layer": ["ff"]})
+    with pytest.raises(Exception, match="unknown omni_fp8 option 'ignored_layer'"), torch.no_grad():
+        compiled(**inputs)
+    assert not any(isinstance(m, ScaledLinear) for m in model.modules())
+
+
+def test_explicit_conversion_then_compile_traces_once(tiny_flux_fp32, caplog):
+    model, inputs, eager = tiny_flux_fp32
+    with caplog.at_level(logging.INFO, logger="fp8_compile"):
+        report = fp8_compile.quantize_(model, {"granularity": "per_tensor"})
+    assert [r.getMessage() for r in caplog.records if "quantized" in r.getMessage()] == [
+        f"omni_fp8 FluxTransformer2DModel: {report.summary()}"
+    ]
+    assert report.num_quantized == 50
+    weights = {name: m.weight for name, m in model.named_modules() if isinstance(m, ScaledLinear)}
+
+    compiled = torch.compile(model, backend="omni_fp8")
+    with torch.no_grad():
+        out = first_output(compiled(**inputs))
+        compiled(**inputs)
+        assert unique_graphs() == 1
+        eager_fp8 = first_output(model(**inputs))  # the converted module also runs uncompiled
+        reference = first_output(eager(**inputs))
+    assert rel_error(out, eager_fp8) < 1e-3 and rel_error(out, reference) < 0.15
+
+    # Converting or compiling again converts nothing twice.
+    assert fp8_compile.quantize_(model, {"granularity": "per_tensor"}).num_quantized == 50
+    assert all(model.get_submodule(n).weight is w for n, w in weights.items())
+
+
+def test_recompiles_are_bounded_over_resolutions(tiny_flux):
+    model, _, _ = tiny_flux
+    spec = DITS["flux"]
+    compiled = torch.compile(model, backend="omni_fp8")
+    sizes = [(128, 128), (256, 128), (128, 256), (256, 256), (192, 128)]
+    with torch.no_grad():
+        first = spec.inputs(model, Resolution(*sizes[0]))
+        compiled(**first)  # converts the weights
+        compiled(**first)  # compiles the FP8 graph
+        warm = unique_graphs()
+        for height, width in sizes[1:]:
+            inputs = spec.inputs(model, Resolution(height, width))
+            compiled(**inputs)
+            compiled(**inputs)
+    # Dynamo marks the changing dimension dynamic after the first new size: one more graph.
+    assert unique_graphs() - warm <= 1
+
+
+def test_to_dtype_keeps_fp8_weights(tiny_flux):
+    model, inputs, _ = tiny_flux
+    fp8_compile.quantize_(model)
+    model.to(torch.float16)
+    layer = model.transformer_blocks[0].attn.to_q
+    assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale.dtype == torch.float32
+    assert layer.bias.dtype == torch.float16
+
+
+def test_gradients_get_a_clear_error():
+    model = nn.Sequential(nn.Linear(32, 32))
+    fp8_compile.quantize_(model)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        model(torch.randn(2, 32, requires_grad=True))
+
+
+def test_non_finite_weight_names_the_layer(tiny_flux):
+    model, _, _ = tiny_flux
+    with torch.no_grad():
+        model.transformer_blocks[1].ff.net[2].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layer 'transformer_blocks.1.ff.net.2' has Inf or NaN"):
+        fp8_compile.quantize_(model)
+    assert not any(isinstance(m, ScaledLinear) for m in model.modules()), "nothing is converted halfway"
+
+
+def _regional_error(model, inputs, backend) -> float:
+    """Error of a regionally compiled FP8 model against the same FP8 model run eagerly."""
+    with torch.no_grad():
+        eager = first_output(model(**inputs))
+        model.compile_repeated_blocks(backend=backend)
+        outs = [first_output(model(**inputs)) for _ in range(3)]
+    return max(rel_error(out, eager) for out in outs)
+
+
+def _bake_first_block_weights(gm, example_inputs):
+    """A wrong backend: every block of a shared graph computes with the first block's weights."""
+    frozen = list(example_inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    state = [i for i, n in enumerate(placeholders) if source_module_path(n) is not None and "self" in str(n.meta["grapharg"].source)]
+
+    def run(*args):
+        args = list(args)
+        for i in state:
+            args[i] = frozen[i]
+        return gm(*args)
+
+    return run
+
+
+def test_regional_compile_uses_each_blocks_own_weights(tiny_flux_fp32):
+    model, inputs, copy_for_control = tiny_flux_fp32
+    fp8_compile.quantize_(model)
+    assert _regional_error(model, inputs, "omni_fp8") < 1e-3
+
+    # The same check catches a backend that shares one block's weights across blocks.
+    fp8_compile.quantize_(copy_for_control)
+    torch._dynamo.reset()
+    assert _regional_error(copy_for_control, inputs, _bake_first_block_weights) > 0.1
+
+
+def test_regional_compile_converts_every_block_on_first_use(tiny_flux_fp32):
+    model, inputs, eager = tiny_flux_fp32
+    fp8_compile.quantize_(eager, {"ignored_layers": BLOCKS_ONLY})
+    model.compile_repeated_blocks(backend="omni_fp8")
+    with torch.no_grad():
+        outs = [first_output(model(**inputs)) for _ in range(3)]
+        graphs = unique_graphs()
+        model(**inputs)
+        expected = first_output(eager(**inputs))
+    assert unique_graphs() == graphs
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    assert all(isinstance(b.attn.to_q, ScaledLinear) for b in blocks)
+    assert type(model.proj_out) is nn.Linear  # outside the compiled blocks
+    report = fp8_compile.quantization_report(model)
+    assert {layer.name for layer in report.layers} == {
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and "transformer_blocks" in n
+    }
+    for out in outs:
+        assert rel_error(out, expected) < 1e-3
