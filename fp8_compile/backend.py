@@ -24,7 +24,7 @@ from torch._inductor.compile_fx import compile_fx
 
 from fp8_compile.config import Fp8Config
 from fp8_compile.convert import convert_owner_of, is_pending, keep_weights
-from fp8_compile.hardware import device_of, select_lowering
+from fp8_compile.hardware import device_of, inductor_patches, select_lowering
 from fp8_compile.modules import ScaledLinear
 from fp8_compile.passes import (
     LINEAR_TARGETS,
@@ -34,6 +34,7 @@ from fp8_compile.passes import (
     MatchLinearLayers,
     PassManager,
     QuantizeLinear,
+    ShareActivationQuantization,
     UseWeightOnlyWithoutFp8Gemm,
     linear_args,
 )
@@ -44,6 +45,7 @@ FP8_PASSES = PassManager(
     [
         UseWeightOnlyWithoutFp8Gemm(),  # lower: no FP8 GEMM on this device -> weight-only
         QuantizeLinear(),  # quantize: activation-quantize + scaled-mm nodes
+        ShareActivationQuantization(),  # fuse: one quantization per activation read by several layers
         LowerWeightOnly(),  # lower: weight-only layers -> dequantize + GEMM
     ]
 )
@@ -57,7 +59,8 @@ def omni_fp8(
 ) -> Callable:
     """Compile a Dynamo graph with its linear layers in FP8. Registered as ``backend="omni_fp8"``."""
     config = Fp8Config.from_options(options)
-    graph = Fp8Graph(gm, list(example_inputs), config, select_lowering(device_of(example_inputs)))
+    device = device_of(example_inputs)
+    graph = Fp8Graph(gm, list(example_inputs), config, device, select_lowering(device))
     MatchLinearLayers()(graph)
     if any(layer.kind is LayerKind.BF16 and is_pending(layer.weight) for layer in graph.layers):
         return ConvertOnFirstCall(graph, mode)
@@ -69,7 +72,7 @@ def compile_graph(graph: Fp8Graph, mode: str | None) -> Callable:
     FP8_PASSES(graph)
     fp8_layers = sum(layer.kind is not LayerKind.BF16 for layer in graph.layers)
     logger.debug("omni_fp8: compiling a graph with %d FP8 layers of %d", fp8_layers, len(graph.layers))
-    patches = torch._inductor.list_mode_options(mode) if mode else {}
+    patches = {**(torch._inductor.list_mode_options(mode) if mode else {}), **inductor_patches(graph.device)}
     return compile_fx(graph.gm, graph.example_inputs, config_patches=patches)
 
 
@@ -83,7 +86,7 @@ class ConvertOnFirstCall:
     """
 
     def __init__(self, graph: Fp8Graph, mode: str | None):
-        self.gm, self.config, self.lowering, self.mode = graph.gm, graph.config, graph.lowering, mode
+        self.gm, self.config, self.device, self.lowering, self.mode = graph.gm, graph.config, graph.device, graph.lowering, mode
         placeholders = [n for n in graph.gm.graph.nodes if n.op == "placeholder"]
         self.weight_positions = sorted(
             {placeholders.index(linear_args(layer.node.args, layer.node.kwargs)[1]) for layer in graph.layers}
@@ -100,7 +103,7 @@ class ConvertOnFirstCall:
         keep_weights((w for w in pending if id(w) not in replaced and is_pending(w)), "not an nn.Linear")
         if any(id(w) in replaced for w in weights):
             return _RunWithConvertedWeights(self.gm, replaced).run(*args)
-        graph = Fp8Graph(self.gm, list(args), self.config, self.lowering)
+        graph = Fp8Graph(self.gm, list(args), self.config, self.device, self.lowering)
         MatchLinearLayers()(graph)
         self.compiled = compile_graph(graph, self.mode)
         return self.compiled(*args)

@@ -63,10 +63,10 @@ class ScaledLinear(nn.Linear):
                 "dtype; keep this layer in BF16 with options={'ignored_layers': [<its name>]}"
             )
         if self.quantize_input:
-            return torch.ops.fp8_compile.scaled_linear(
+            return torch.ops.fp8_compile.scaled_linear.default(
                 x, self.weight, self.weight_scale, bias, self.granularity, self.fast_accum
             )
-        return torch.ops.fp8_compile.weight_only_scaled_linear(x, self.weight, self.weight_scale, bias)
+        return torch.ops.fp8_compile.weight_only_scaled_linear.default(x, self.weight, self.weight_scale, bias)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> ScaledLinear:
         # model.to(torch.bfloat16), .half() or .float() cast every floating-point tensor, FP8 ones

@@ -18,9 +18,10 @@ AMAX_FLOOR = 1e-12
 
 
 def _amax(t: torch.Tensor, granularity: str, dim: int) -> torch.Tensor:
-    if granularity == "per_row":
-        return t.abs().amax(dim=dim, keepdim=True).float()
-    return t.abs().amax().float()
+    # Reduced in float32: the same value, and Inductor's C++ backend fails to compile several
+    # fused bfloat16 max-reductions in one kernel.
+    t = t.float().abs()
+    return t.amax(dim=dim, keepdim=True) if granularity == "per_row" else t.amax()
 
 
 def quantize_weight(weight: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,8 @@
 """The graph passes of omni_fp8, one transformation per module (installed as ``fp8_compile.passes``).
 
 The backend applies them in this order: match -> (lower to weight-only where the device has no
-FP8 GEMM) -> quantize -> lower weight-only layers; Inductor then fuses and generates the kernels.
+FP8 GEMM) -> quantize -> share activation quantization -> lower weight-only layers; Inductor
+then fuses the element-wise work into its kernels and generates them.
 """
 
 from fp8_compile.passes.graph import (
@@ -17,6 +18,7 @@ from fp8_compile.passes.lower_weight_only import LowerWeightOnly, UseWeightOnlyW
 from fp8_compile.passes.match_layers import MatchLinearLayers
 from fp8_compile.passes.pass_manager import GraphPass, PassManager
 from fp8_compile.passes.quantize_linear import QuantizeLinear
+from fp8_compile.passes.share_activation_quantization import ShareActivationQuantization
 
 __all__ = [
     "LINEAR_TARGETS",
@@ -29,6 +31,7 @@ __all__ = [
     "MatchLinearLayers",
     "PassManager",
     "QuantizeLinear",
+    "ShareActivationQuantization",
     "UseWeightOnlyWithoutFp8Gemm",
     "linear_args",
     "source_module_path",

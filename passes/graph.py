@@ -48,6 +48,7 @@ class Fp8Graph:
     gm: fx.GraphModule
     example_inputs: list
     config: Fp8Config
+    device: torch.device
     lowering: Lowering
     layers: list[LinearLayer] = field(default_factory=list)
 

@@ -7,6 +7,9 @@ from torch._dynamo.utils import counters
 
 from fp8_compile.zoo import DITS, Resolution
 
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
 # A small image: 64 image tokens for the FLUX-like models, a few frames for the video ones.
 SMALL = Resolution(height=128, width=128, frames=5, text_tokens=16)
 

@@ -2,19 +2,21 @@
 
 import copy
 import logging
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn as nn
+from torch._inductor.utils import run_and_get_code
 
 import fp8_compile
 from fp8_compile import Decision, ScaledLinear
 from fp8_compile.passes import source_module_path
 from fp8_compile.zoo import DITS, Resolution
 
-from conftest import SMALL, build, first_output, rel_error, unique_graphs
+from conftest import DEVICES, build, first_output, rel_error, unique_graphs
 
 BLOCKS_ONLY = ["re:^(?!transformer_blocks|single_transformer_blocks).*"]  # keep the outer layers BF16
 
@@ -62,6 +64,18 @@ def test_explicit_conversion_then_compile_traces_once(tiny_flux_fp32, caplog):
     # Converting or compiling again converts nothing twice.
     assert fp8_compile.quantize_(model, {"granularity": "per_tensor"}).num_quantized == 50
     assert all(model.get_submodule(n).weight is w for n, w in weights.items())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_graph_runs_the_fp8_gemm(device):
+    model, inputs = build("flux", device=device)
+    fp8_compile.quantize_(model)
+    compiled = torch.compile(model, backend="omni_fp8")
+    with torch.no_grad():
+        _, (code, *_) = run_and_get_code(compiled, **inputs)
+    n_fp8 = len(fp8_compile.quantization_report(model).by_decision(Decision.FP8))
+    assert len(re.findall(r"\b_scaled_mm(?:\.default)?\(", code)) == n_fp8
+    assert "fp8_compile.scaled_linear" not in code  # lowered, not called as the eager op
 
 
 def test_recompiles_are_bounded_over_resolutions(tiny_flux):

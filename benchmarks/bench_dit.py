@@ -1,0 +1,286 @@
+"""Side-by-side benchmark of a full-size DiT (random weights) on one GPU.
+
+    python benchmarks/bench_dit.py --model flux --rows bf16_eager,bf16_regional,omni_fp8_row \
+        --out benchmarks/results/flux.json
+
+Every row builds the same model (same seed), converts/compiles it its own way and reports:
+ms per forward (median of CUDA-event timings after warm-up), cold compile seconds (first calls
+until the compiled graph runs), weight GB, peak GB during the timed forward, and the relative
+error of the output against BF16 eager. ``--floor`` adds the floor (each GEMM shape at the FP8
+rate measured here, plus the measured attention time); ``--profile ROW`` adds a per-category
+breakdown of that row's GPU time from torch.profiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fp8_compile
+from fp8_compile.zoo import DITS, Resolution
+
+RESOLUTIONS = {
+    "flux": Resolution(1024, 1024, text_tokens=512),
+    "qwen_image": Resolution(1024, 1024, text_tokens=512),
+    "z_image": Resolution(1024, 1024, text_tokens=512),
+    "wan": Resolution(480, 832, frames=81, text_tokens=512),
+}
+
+
+@dataclass
+class Row:
+    name: str
+    ms: float = float("nan")
+    compile_s: float = float("nan")
+    weight_gb: float = float("nan")
+    peak_gb: float = float("nan")
+    rel_err: float = float("nan")
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def first_output(out) -> torch.Tensor:
+    out = out[0] if isinstance(out, (tuple, list)) else out.sample
+    return out[0] if isinstance(out, list) else out
+
+
+def weight_gb(model: nn.Module) -> float:
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total / 1e9
+
+
+def cuda_time_ms(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def torchao_convert(model: nn.Module, granularity: str) -> None:
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+
+    gran = PerRow() if granularity == "row" else PerTensor()
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=gran))
+
+
+def prepare(row: str, model: nn.Module) -> tuple[nn.Module, str]:
+    """Convert and wrap ``model`` as the row says; returns the callable module and a note."""
+    parts = row.split("_")
+    style = "whole" if "whole" in parts else "regional"
+    mode = "reduce-overhead" if "cudagraphs" in parts else None
+    if row == "bf16_eager":
+        return model, "eager"
+    if row.startswith("bf16"):
+        backend, options = "inductor", None
+    elif row.startswith("torchao"):
+        torchao_convert(model, "row" if "row" in parts else "tensor")
+        backend, options = "inductor", None
+    elif row.startswith("omni_fp8"):
+        options = {"granularity": "per_tensor" if "tensor" in parts else "per_row", "fast_accum": "exact" not in parts}
+        fp8_compile.quantize_(model, options)
+        backend = "omni_fp8"
+    else:
+        raise SystemExit(f"unknown row {row!r}")
+    kwargs = {"backend": backend}
+    if options:
+        kwargs["options"] = options
+    if mode:
+        kwargs["mode"] = mode
+    if style == "regional":
+        model.compile_repeated_blocks(fullgraph=True, **kwargs)
+        return model, f"regional {kwargs}"
+    return torch.compile(model, **kwargs), f"whole {kwargs}"
+
+
+def run_row(row: str, spec, res: Resolution, reference: torch.Tensor | None, args) -> tuple[Row, torch.Tensor]:
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    model = spec.build("full", torch.bfloat16, "cuda")
+    torch.manual_seed(1)
+    inputs = spec.inputs(model, res, torch.bfloat16, "cuda")
+    result = Row(row)
+    with torch.no_grad():
+        start = time.perf_counter()
+        runner, result.note = prepare(row, model)
+        for _ in range(2):  # compiled by the end of the 2nd call in every row
+            runner(**inputs)
+        torch.cuda.synchronize()
+        result.compile_s = time.perf_counter() - start if row != "bf16_eager" else 0.0
+        result.weight_gb = weight_gb(model)
+        torch.cuda.reset_peak_memory_stats()
+        result.ms = cuda_time_ms(lambda: runner(**inputs), args.warmup, args.iters)
+        result.peak_gb = torch.cuda.max_memory_allocated() / 1e9
+        out = first_output(runner(**inputs)).float()
+        if reference is not None:
+            result.rel_err = ((out - reference).norm() / reference.norm()).item()
+        if args.profile and row in args.profile:
+            result.extra["breakdown_ms"] = profile_breakdown(lambda: runner(**inputs))
+    del model, runner, inputs
+    return result, out
+
+
+def classify(kernel: str) -> str:
+    k = kernel.lower()
+    if any(s in k for s in ("flash", "fmha", "attention", "sdpa", "cudnn")):
+        return "attention"
+    if "gemv" in k or "weight_only" in k:
+        return "gemv"
+    if any(s in k for s in ("nvjet", "gemm", "cutlass", "sm90_xmma", "_mm_", "matmul")) or k.startswith("triton_tem"):
+        return "fp8 gemm" if any(s in k for s in ("e4m3", "fp8", "qqtst", "f8")) else "bf16 gemm"
+    if "amax" in k or ("to_copy" in k and "clamp" in k):
+        return "quantize"
+    return "other elementwise"
+
+
+def profile_breakdown(fn) -> dict[str, float]:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = defaultdict(float)
+    counts: Counter = Counter()
+    top: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        category = classify(event.name)
+        totals[category] += event.device_time_total / 1e3
+        counts[category] += 1
+        top[event.name] += event.device_time_total / 1e3
+    result = {k: round(v, 3) for k, v in sorted(totals.items())}
+    result["kernel_counts"] = dict(counts)
+    result["top_kernels"] = {k[:120]: round(v, 3) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:25]}
+    return result
+
+
+def gemm_floor(spec, res: Resolution) -> dict:
+    """GEMM shapes of one forward (from an eager pass), each timed as an FP8 GEMM, plus SDPA."""
+    torch.manual_seed(0)
+    model = spec.build("full", torch.bfloat16, "cuda")
+    inputs = spec.inputs(model, res, torch.bfloat16, "cuda")
+    shapes: Counter = Counter()
+    attention: Counter = Counter()
+
+    def record(module, args, _out):
+        x = args[0]
+        shapes[(x.numel() // x.shape[-1], module.in_features, module.out_features)] += 1
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Linear)]
+    original_sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, *a, **kw):
+        attention[(tuple(q.shape), tuple(k.shape))] += 1
+        return original_sdpa(q, k, v, *a, **kw)
+
+    F.scaled_dot_product_attention = recording_sdpa
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        F.scaled_dot_product_attention = original_sdpa
+        for h in hooks:
+            h.remove()
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    gemm_ms = 0.0
+    per_shape = []
+    for (m, k, n), count in sorted(shapes.items()):
+        a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
+        b = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn).t()
+        one = torch.ones((), device="cuda")
+        sa, sb = torch.ones(m, 1, device="cuda"), torch.ones(1, n, device="cuda")
+        tensor_ms = cuda_time_ms(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16, use_fast_accum=True), 3, 20)
+        row_ms = cuda_time_ms(lambda: torch._scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16, use_fast_accum=True), 3, 20)
+        best = min(tensor_ms, row_ms)
+        gemm_ms += best * count
+        per_shape.append(
+            dict(m=m, k=k, n=n, count=count, tensorwise_ms=round(tensor_ms, 4), rowwise_ms=round(row_ms, 4),
+                 tflops=round(2 * m * k * n / best / 1e9, 1))
+        )
+    sdpa_ms = 0.0
+    for (q_shape, k_shape), count in attention.items():
+        q = torch.randn(q_shape, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(k_shape, device="cuda", dtype=torch.bfloat16)
+        sdpa_ms += cuda_time_ms(lambda: F.scaled_dot_product_attention(q, k, k), 3, 20) * count
+    return dict(gemm_ms=round(gemm_ms, 3), sdpa_ms=round(sdpa_ms, 3), floor_ms=round(gemm_ms + sdpa_ms, 3), shapes=per_shape)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="flux", choices=sorted(RESOLUTIONS))
+    parser.add_argument("--rows", default="bf16_eager,bf16_regional,omni_fp8_row,omni_fp8_tensor")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--floor", action="store_true")
+    parser.add_argument("--profile", default="", help="comma-separated rows to profile")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    args.profile = [r for r in args.profile.split(",") if r]
+
+    spec = DITS[args.model]
+    res = RESOLUTIONS[args.model]
+    env = dict(
+        gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
+        triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%d"), model=spec.class_name,
+        resolution=asdict(res),
+    )
+    with contextlib.suppress(ImportError):
+        env["torchao"] = __import__("torchao").__version__
+    print(json.dumps(env), flush=True)
+    results = {"env": env, "rows": []}
+    if args.floor:
+        results["floor"] = gemm_floor(spec, res)
+        print("floor", {k: v for k, v in results["floor"].items() if k != "shapes"}, flush=True)
+    reference = None
+    for row in args.rows.split(","):
+        try:
+            result, out = run_row(row, spec, res, reference, args)
+        except Exception as e:  # a failing row is reported, the others still run
+            result, out = Row(row, note=f"failed: {type(e).__name__}: {str(e)[:300]}"), None
+        if row == "bf16_eager" and out is not None:
+            reference = out
+        results["rows"].append(asdict(result))
+        print(json.dumps(asdict(result)), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+    floor = results.get("floor", {}).get("floor_ms")
+    print(f"\n{'row':34} {'ms':>8} {'compile s':>9} {'weights GB':>10} {'peak GB':>8} {'rel err':>8} {'% floor':>8}")
+    for r in results["rows"]:
+        pct = f"{r['ms'] / floor * 100:7.0f}%" if floor else ""
+        print(f"{r['name']:34} {r['ms']:8.2f} {r['compile_s']:9.1f} {r['weight_gb']:10.2f} {r['peak_gb']:8.2f} {r['rel_err']:8.4f} {pct}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
