@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fp8_compile
+import fp8_compile.inductor
 from fp8_compile.zoo import DITS, Resolution
 
 RESOLUTIONS = {
@@ -91,7 +92,8 @@ def prepare(row: str, model: nn.Module) -> tuple[nn.Module, str]:
     """Convert and wrap ``model`` as the row says; returns the callable module and a note."""
     parts = row.split("_")
     style = "whole" if "whole" in parts else "regional"
-    mode = "reduce-overhead" if "cudagraphs" in parts else None
+    cudagraphs = "cudagraphs" in parts
+    mode = "reduce-overhead" if cudagraphs and not row.startswith("omni_fp8") else None
     if row == "bf16_eager":
         return model, "eager"
     if row.startswith("bf16"):
@@ -100,7 +102,13 @@ def prepare(row: str, model: nn.Module) -> tuple[nn.Module, str]:
         torchao_convert(model, "row" if "row" in parts else "tensor")
         backend, options = "inductor", None
     elif row.startswith("omni_fp8"):
-        options = {"granularity": "per_tensor" if "tensor" in parts else "per_row", "fast_accum": "exact" not in parts}
+        # "defaultred": Inductor's own persistent-reduction limit, to measure what ours buys
+        fp8_compile.inductor.PERSISTENT_REDUCTION_LIMIT = 0 if "defaultred" in parts else 4096 if "p4k" in parts else 16384
+        options = {
+            "granularity": "per_tensor" if "tensor" in parts else "per_row",
+            "fast_accum": "exact" not in parts,
+            "cudagraphs": cudagraphs,
+        }
         fp8_compile.quantize_(model, options)
         backend = "omni_fp8"
     else:
@@ -125,7 +133,9 @@ def run_row(row: str, spec, res: Resolution, reference: torch.Tensor | None, arg
     torch.manual_seed(1)
     inputs = spec.inputs(model, res, torch.bfloat16, "cuda")
     result = Row(row)
-    with torch.no_grad():
+    # "cdt": Inductor's coordinate-descent tuning of element-wise kernel configs
+    tuning = torch._inductor.config.patch(coordinate_descent_tuning="cdt" in row.split("_"))
+    with torch.no_grad(), tuning:
         start = time.perf_counter()
         runner, result.note = prepare(row, model)
         for _ in range(2):  # compiled by the end of the 2nd call in every row
@@ -147,14 +157,15 @@ def run_row(row: str, spec, res: Resolution, reference: torch.Tensor | None, arg
 
 def classify(kernel: str) -> str:
     k = kernel.lower()
-    if any(s in k for s in ("flash", "fmha", "attention", "sdpa", "cudnn")):
+    if "weight_only" in k:
+        return "gemv (weight-only fp8)"
+    if k.startswith("triton_") and not k.startswith("triton_tem"):
+        # Inductor names a kernel after the ops fused into it
+        return "quantize (fused into producer)" if "amax" in k or ("clamp" in k and "to_copy" in k) else "other elementwise"
+    if any(s in k for s in ("flash", "fmha", "sdpa", "attention")):
         return "attention"
-    if "gemv" in k or "weight_only" in k:
-        return "gemv"
-    if any(s in k for s in ("nvjet", "gemm", "cutlass", "sm90_xmma", "_mm_", "matmul")) or k.startswith("triton_tem"):
-        return "fp8 gemm" if any(s in k for s in ("e4m3", "fp8", "qqtst", "f8")) else "bf16 gemm"
-    if "amax" in k or ("to_copy" in k and "clamp" in k):
-        return "quantize"
+    if any(s in k for s in ("nvjet", "gemm", "cutlass", "xmma")) or k.startswith("triton_tem"):
+        return "fp8 gemm" if any(s in k for s in ("qqtst", "e4m3", "fp8", "f8f8")) else "bf16 gemm"
     return "other elementwise"
 
 
@@ -197,9 +208,10 @@ def gemm_floor(spec, res: Resolution) -> dict:
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Linear)]
     original_sdpa = F.scaled_dot_product_attention
 
-    def recording_sdpa(q, k, v, *a, **kw):
+    def recording_sdpa(*args, **kwargs):
+        q, k = (list(args) + [kwargs.get("query"), kwargs.get("key")])[:2] if len(args) >= 2 else (kwargs["query"], kwargs["key"])
         attention[(tuple(q.shape), tuple(k.shape))] += 1
-        return original_sdpa(q, k, v, *a, **kw)
+        return original_sdpa(*args, **kwargs)
 
     F.scaled_dot_product_attention = recording_sdpa
     try:
@@ -213,9 +225,17 @@ def gemm_floor(spec, res: Resolution) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
 
-    gemm_ms = 0.0
+    # a device-to-device copy gives the memory bandwidth that bounds the GEMVs (M <= 8)
+    big = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    copy_ms = cuda_time_ms(lambda: big.clone(), 3, 10)
+    bandwidth = 2 * big.numel() / (copy_ms / 1e3)
+    del big
+    gemm_ms = gemv_ms = 0.0
     per_shape = []
     for (m, k, n), count in sorted(shapes.items()):
+        if m <= 8:
+            gemv_ms += (n * k + 2 * m * (k + n)) / bandwidth * 1e3 * count
+            continue
         a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
         b = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn).t()
         one = torch.ones((), device="cuda")
@@ -233,7 +253,10 @@ def gemm_floor(spec, res: Resolution) -> dict:
         q = torch.randn(q_shape, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(k_shape, device="cuda", dtype=torch.bfloat16)
         sdpa_ms += cuda_time_ms(lambda: F.scaled_dot_product_attention(q, k, k), 3, 20) * count
-    return dict(gemm_ms=round(gemm_ms, 3), sdpa_ms=round(sdpa_ms, 3), floor_ms=round(gemm_ms + sdpa_ms, 3), shapes=per_shape)
+    return dict(
+        gemm_ms=round(gemm_ms, 3), gemv_ms=round(gemv_ms, 3), sdpa_ms=round(sdpa_ms, 3),
+        floor_ms=round(gemm_ms + gemv_ms + sdpa_ms, 3), bandwidth_tb_s=round(bandwidth / 1e12, 2), shapes=per_shape,
+    )
 
 
 def main() -> None:

@@ -18,13 +18,12 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 import torch.fx as fx
-from torch._inductor.compile_fx import compile_fx
 
 from fp8_compile.config import Fp8Config
 from fp8_compile.convert import convert_owner_of, is_pending, keep_weights
-from fp8_compile.hardware import device_of, inductor_patches, select_lowering
+from fp8_compile.hardware import device_of, select_lowering
+from fp8_compile.inductor import compile_graph as compile_with_inductor
 from fp8_compile.modules import ScaledLinear
 from fp8_compile.passes import (
     LINEAR_TARGETS,
@@ -72,8 +71,7 @@ def compile_graph(graph: Fp8Graph, mode: str | None) -> Callable:
     FP8_PASSES(graph)
     fp8_layers = sum(layer.kind is not LayerKind.BF16 for layer in graph.layers)
     logger.debug("omni_fp8: compiling a graph with %d FP8 layers of %d", fp8_layers, len(graph.layers))
-    patches = {**(torch._inductor.list_mode_options(mode) if mode else {}), **inductor_patches(graph.device)}
-    return compile_fx(graph.gm, graph.example_inputs, config_patches=patches)
+    return compile_with_inductor(graph.gm, graph.example_inputs, graph.device, mode, graph.config.cudagraphs)
 
 
 class ConvertOnFirstCall:

@@ -94,6 +94,8 @@ class Fp8Config:
     ``"weight_only"`` (FP8 weights, BF16 activations), ``"fp8"`` (like every other layer) or
     ``"bf16"`` (left alone). ``fast_accum`` lets the FP8 tensor cores accumulate in reduced
     precision (faster on Hopper; the error it adds is measured in the benchmark).
+    ``cudagraphs`` replays each compiled graph as a CUDA graph (Inductor's "reduce-overhead";
+    ``torch.compile`` refuses ``mode=`` together with ``options=``, hence this option).
     """
 
     method: str = "fp8"
@@ -104,6 +106,7 @@ class Fp8Config:
     conditioning: str = "weight_only"
     conditioning_layers: tuple[str, ...] = field(default=DEFAULT_CONDITIONING_LAYERS)
     fast_accum: bool = True
+    cudagraphs: bool = False
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | Fp8Config | None) -> Fp8Config:
@@ -141,6 +144,7 @@ class Fp8Config:
         _choice("conditioning", self.conditioning, CONDITIONING_MODES)
         set_(self, "conditioning_layers", _patterns("conditioning_layers", self.conditioning_layers))
         _flag("fast_accum", self.fast_accum)
+        _flag("cudagraphs", self.cudagraphs)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

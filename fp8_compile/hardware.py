@@ -15,15 +15,6 @@ def device_of(example_inputs: list) -> torch.device:
     return torch.device("cpu")
 
 
-def inductor_patches(device: torch.device) -> dict:
-    """Inductor settings the FP8 graphs need on this device."""
-    if device.type == "cpu":
-        # With 512-bit vectors, Inductor's C++ kernels store 32-lane float8 vectors as 64
-        # bytes, overwriting the next row (NaNs in Wan's attention). 256-bit vectors are right.
-        return {"cpp.simdlen": 256}
-    return {}
-
-
 def select_lowering(device: torch.device) -> Lowering:
     """W8A8 where FP8 tensor cores exist (SM89+) and on the CPU reference; weight-only on SM80-SM88."""
     if device.type == "cpu":

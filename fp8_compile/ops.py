@@ -86,7 +86,16 @@ def fp8_linear(
 def weight_only_linear(
     x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``F.linear`` with an FP8 weight dequantized to the activation's dtype (W8A16)."""
+    """``F.linear`` with an FP8 weight dequantized to the activation's dtype (W8A16).
+
+    On an NVIDIA GPU the weight is dequantized tile by tile inside a Triton GEMM; elsewhere
+    (the CPU reference) it is dequantized whole first.
+    """
+    if x.is_cuda:
+        from fp8_compile.triton_kernels import weight_only_mm
+
+        out = weight_only_mm(x.reshape(-1, x.shape[-1]), weight_fp8, weight_scale, bias)
+        return out.reshape(*x.shape[:-1], weight_fp8.shape[0])
     return F.linear(x, weight_fp8.to(x.dtype) * weight_scale.to(x.dtype), bias)
 
 
