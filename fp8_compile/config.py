@@ -47,8 +47,11 @@ DEFAULT_CONDITIONING_LAYERS: tuple[str, ...] = (
 
 # Linears whose weight dtype the model code reads to cast their input (Z-Image's timestep
 # embedder does ``t.to(self.mlp[0].weight.dtype)``); an FP8 weight there would make it cast the
-# input to FP8, so they keep their dtype.
-DTYPE_READ_LAYERS: tuple[str, ...] = ("t_embedder.mlp.0",)
+# input to FP8, so they keep their dtype. T5's and UMT5's feed-forward output projection
+# (FLUX.1's and Wan2.2's text encoders) does ``hidden_states.to(self.wo.weight.dtype)``: transformers
+# keeps ``wo`` in float32 under fp16 because its input overflows fp16, and those outlier
+# activations would cost W8A8 precision too, so BF16 is also the better choice for quality.
+DTYPE_READ_LAYERS: tuple[str, ...] = ("t_embedder.mlp.0", "DenseReluDense.wo")
 
 
 def _suggest(value: str, choices: Sequence[str]) -> str:

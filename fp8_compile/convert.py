@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,14 @@ def _decide(name: str, module: nn.Linear, config: Fp8Config, ignored: LayerPatte
     return Decision.FP8, "fp8"
 
 
+def _tied_weights(modules: Iterable[nn.Module]) -> set[int]:
+    """Ids of the parameters that several modules hold, as a tied lm_head and token embedding do
+    (Qwen3-4B, FLUX.2-klein's text encoder). Converting the linear would keep the BF16 copy alive
+    for the other module, and ``tie_weights()`` would put it back into the FP8 layer."""
+    holders = Counter(id(p) for module in modules for p in module.parameters(recurse=False))
+    return {key for key, count in holders.items() if count > 1}
+
+
 def plan_layers(named_modules: Iterable[tuple[str, nn.Module]], config: Fp8Config) -> list[LayerPlan]:
     """Decide every ``nn.Linear`` among ``named_modules``; nothing is changed yet.
 
@@ -70,6 +79,8 @@ def plan_layers(named_modules: Iterable[tuple[str, nn.Module]], config: Fp8Confi
     """
     ignored = LayerPatterns(config.ignored_layers)
     conditioning = LayerPatterns(config.conditioning_layers)
+    named_modules = list(named_modules)
+    tied = _tied_weights(module for _, module in named_modules)
     plans = []
     for name, module in named_modules:
         # ScaledLinear layers were converted already; other Linear subclasses (LoRA wrappers,
@@ -77,6 +88,8 @@ def plan_layers(named_modules: Iterable[tuple[str, nn.Module]], config: Fp8Confi
         if type(module) is not nn.Linear:
             continue
         decision, reason = _decide(name, module, config, ignored, conditioning)
+        if decision is not Decision.BF16 and id(module.weight) in tied:
+            decision, reason = Decision.BF16, "weight tied to another module"
         if decision is not Decision.BF16 and not torch.isfinite(module.weight).all():
             raise ValueError(
                 f"omni_fp8: layer {name!r} has Inf or NaN in its weight, which FP8 cannot scale; "
