@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +20,8 @@ METHODS = ("fp8",)
 ACTIVATION_SCHEMES = ("dynamic", "static")
 GRANULARITIES = ("per_row", "per_tensor")
 CONDITIONING_MODES = ("weight_only", "fp8", "bf16")
+MISSING_SCALE_MODES = ("error", "dynamic")
+TOWER_MODES = ("bf16", "fp8")
 
 # Linears that take one row per sample: AdaLN / modulation projections, timestep, guidance and
 # pooled-text embedders, and the final AdaLN. Public FP8 DiT integrations lost quality on exactly
@@ -53,6 +57,11 @@ DEFAULT_CONDITIONING_LAYERS: tuple[str, ...] = (
 # activations would cost W8A8 precision too, so BF16 is also the better choice for quality.
 DTYPE_READ_LAYERS: tuple[str, ...] = ("t_embedder.mlp.0", "DenseReluDense.wo")
 
+# The vision and audio encoders of multi-stage models (Qwen3-Omni's thinker, Qwen2.5-VL): their
+# inputs (pixels, mel frames) have a range the language model's calibration says nothing about,
+# and they run once per request, so they stay BF16 unless ``towers="fp8"``.
+DEFAULT_TOWER_LAYERS: tuple[str, ...] = ("visual", "audio_tower", "vision_tower", "vision_model")
+
 
 def _suggest(value: str, choices: Sequence[str]) -> str:
     close = difflib.get_close_matches(value, list(choices), n=1)
@@ -80,6 +89,45 @@ def _patterns(key: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _activation_scales(value: Any) -> str | dict[str, float] | None:
+    """A scales file (checked to exist here, read at conversion) or a {layer: scale} dict."""
+    if value is None:
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        if not os.path.isfile(path):
+            raise ValueError(f"omni_fp8 option 'activation_scales': no such file {path!r}")
+        return path
+    if isinstance(value, Mapping):
+        scales = {str(name): float(scale) for name, scale in value.items()}
+        bad = [name for name, scale in scales.items() if not (math.isfinite(scale) and scale > 0)]
+        if bad:
+            raise ValueError(
+                f"omni_fp8 option 'activation_scales': scales must be finite and > 0; bad layers: {bad[:5]}"
+            )
+        return scales
+    raise ValueError(
+        "omni_fp8 option 'activation_scales' must be a scales file written by fp8_compile.calibration "
+        f"or a dict {{layer name: scale}}, got {type(value).__name__}"
+    )
+
+
+def _block_size(value: Any) -> tuple[int, int] | None:
+    # block_k is the K step of the block-scaled GEMM: a power of two, at least the 32 of an FP8 MMA.
+    if value is None:
+        return None
+    if (
+        isinstance(value, Sequence)
+        and len(value) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) and 32 <= b <= 512 and b & (b - 1) == 0 for b in value)
+    ):
+        return int(value[0]), int(value[1])
+    raise ValueError(
+        "omni_fp8 option 'weight_block_size' must be [block_n, block_k], powers of two from 32 to 512 "
+        f"(block-FP8 checkpoints use [128, 128]), got {value!r}"
+    )
+
+
 def _flag(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"omni_fp8 option {key!r} must be True or False, got {value!r}")
@@ -99,6 +147,13 @@ class Fp8Config:
     precision (faster on Hopper; the error it adds is measured in the benchmark).
     ``cudagraphs`` replays each compiled graph as a CUDA graph (Inductor's "reduce-overhead";
     ``torch.compile`` refuses ``mode=`` together with ``options=``, hence this option).
+    ``activation_scheme="static"`` takes each FP8 layer's activation scale from
+    ``activation_scales`` (a file written by ``fp8_compile.calibration`` or a dict); layers it
+    lacks raise, or run with dynamic scales when ``missing_activation_scales="dynamic"``.
+    ``weight_block_size=[block_n, block_k]`` scales the weights per block and the activations
+    per (1 x block_k) group, as block-FP8 checkpoints do (``granularity`` then does not apply
+    to the FP8 layers). ``towers`` says whether the vision/audio encoders matched by
+    ``DEFAULT_TOWER_LAYERS`` stay BF16 (the default) or are converted like the rest.
     """
 
     method: str = "fp8"
@@ -110,6 +165,9 @@ class Fp8Config:
     conditioning_layers: tuple[str, ...] = field(default=DEFAULT_CONDITIONING_LAYERS)
     fast_accum: bool = True
     cudagraphs: bool = False
+    activation_scales: str | dict[str, float] | None = None
+    missing_activation_scales: str = "error"
+    towers: str = "bf16"
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | Fp8Config | None) -> Fp8Config:
@@ -133,16 +191,22 @@ class Fp8Config:
         _choice("method", self.method, METHODS)
         set_(self, "ignored_layers", _patterns("ignored_layers", self.ignored_layers))
         _choice("activation_scheme", self.activation_scheme, ACTIVATION_SCHEMES)
-        if self.activation_scheme == "static":
+        set_(self, "activation_scales", _activation_scales(self.activation_scales))
+        _choice("missing_activation_scales", self.missing_activation_scales, MISSING_SCALE_MODES)
+        if (self.activation_scheme == "static") != (self.activation_scales is not None):
             raise ValueError(
-                "omni_fp8 option 'activation_scheme'='static' needs calibrated activation scales, "
-                "which this version does not support yet; use 'dynamic'"
+                "omni_fp8 options 'activation_scheme'='static' and 'activation_scales' go together: static "
+                "scales come from a calibration (python -m fp8_compile.calibration --help), and dynamic "
+                f"scaling uses none; got activation_scheme={self.activation_scheme!r}, "
+                f"activation_scales={'given' if self.activation_scales is not None else None}"
             )
-        if self.weight_block_size is not None:
+        set_(self, "weight_block_size", _block_size(self.weight_block_size))
+        if self.weight_block_size is not None and self.activation_scheme == "static":
             raise ValueError(
-                "omni_fp8 option 'weight_block_size' (block-wise weight scales) is not supported yet; "
-                "leave it None and choose 'granularity' ('per_row' or 'per_tensor')"
+                "omni_fp8 option 'weight_block_size' scales activations per (1 x block_k) group on the fly "
+                "and cannot take 'activation_scheme'='static'; use one or the other"
             )
+        _choice("towers", self.towers, TOWER_MODES)
         _choice("granularity", self.granularity, GRANULARITIES)
         _choice("conditioning", self.conditioning, CONDITIONING_MODES)
         set_(self, "conditioning_layers", _patterns("conditioning_layers", self.conditioning_layers))

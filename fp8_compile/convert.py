@@ -21,7 +21,8 @@ import torch.nn as nn
 from torch.utils.weak import WeakIdKeyDictionary
 from tqdm.auto import tqdm
 
-from fp8_compile.config import DTYPE_READ_LAYERS, Fp8Config
+from fp8_compile.activation_scales import assign_static_scales
+from fp8_compile.config import DEFAULT_TOWER_LAYERS, DTYPE_READ_LAYERS, Fp8Config
 from fp8_compile.modules import ScaledLinear
 from fp8_compile.patterns import LayerPattern, LayerPatterns, closest_names
 from fp8_compile.report import Decision, LayerReport, QuantizationReport, quantization_report, record_report
@@ -31,6 +32,7 @@ logger = logging.getLogger("fp8_compile")
 _CONVERTIBLE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _GEMM_ALIGNMENT = 16  # FP8 GEMMs need K and N to be multiples of 16
 _DTYPE_READ = LayerPatterns(DTYPE_READ_LAYERS)
+_TOWERS = LayerPatterns(DEFAULT_TOWER_LAYERS)
 
 # Weights that a conversion decided to keep in their dtype, so that a graph using them is not
 # taken for one whose model still waits for conversion.
@@ -43,6 +45,7 @@ class LayerPlan:
     module: nn.Linear
     decision: Decision
     reason: str
+    input_scale: float | None = None  # the static activation scale, if the config has them
 
 
 def _decide(name: str, module: nn.Linear, config: Fp8Config, ignored: LayerPatterns, conditioning: LayerPatterns):
@@ -51,6 +54,8 @@ def _decide(name: str, module: nn.Linear, config: Fp8Config, ignored: LayerPatte
         return Decision.BF16, f"ignored by {pattern!r}"
     if _DTYPE_READ.first_match(name) is not None:
         return Decision.BF16, "the model reads its weight dtype"
+    if config.towers == "bf16" and _TOWERS.first_match(name) is not None:
+        return Decision.BF16, "vision/audio tower"
     if module.weight.dtype not in _CONVERTIBLE_DTYPES:
         return Decision.BF16, f"weight dtype {module.weight.dtype}"
     pattern = conditioning.first_match(name)
@@ -129,14 +134,19 @@ def apply_plans(plans: list[LayerPlan], config: Fp8Config) -> QuantizationReport
             _KEPT_WEIGHTS[module.weight] = plan.reason
             continue
         report.bytes_before += _bytes(module.weight, module.bias)
-        ScaledLinear.convert(
-            module,
-            quantize_input=plan.decision is Decision.FP8,
-            granularity=config.granularity,
-            fast_accum=config.fast_accum,
-        )
-        report.bytes_after += _bytes(module.weight, module.weight_scale, module.bias)
+        _convert_layer(plan, config)
+        report.bytes_after += _bytes(module.weight, module.weight_scale, module.input_scale, module.bias)
     return report
+
+
+def _convert_layer(plan: LayerPlan, config: Fp8Config) -> None:
+    ScaledLinear.convert(
+        plan.module,
+        quantize_input=plan.decision is Decision.FP8,
+        granularity=config.granularity,
+        fast_accum=config.fast_accum,
+        input_scale=plan.input_scale,
+    )
 
 
 def convert_model(
@@ -144,10 +154,14 @@ def convert_model(
 ) -> dict[int, ScaledLinear]:
     """Plan and convert ``named_modules`` (all inside ``model``); the report is kept on ``model``.
 
-    Returns the converted layers keyed by the id of the weight each one replaced.
+    Returns the converted layers keyed by the id of the weight each one replaced. Everything
+    that can refuse the conversion (non-finite weights, static scales that do not fit) is
+    checked before the first layer is converted.
     """
+    named_modules = list(named_modules)
     warn_unmatched_patterns(config.ignored_layers, model)
     plans = plan_layers(named_modules, config)
+    assign_static_scales(plans, model, config)
     replaced = {id(plan.module.weight): plan.module for plan in plans if plan.decision is not Decision.BF16}
     report = record_report(model, apply_plans(plans, config))
     logger.info("omni_fp8 %s: %s", type(model).__name__, report.summary())

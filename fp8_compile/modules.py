@@ -10,12 +10,29 @@ import torch.nn as nn
 from fp8_compile import ops
 
 
+def moving_only(
+    fn: Callable[[torch.Tensor], torch.Tensor], kept: list[torch.Tensor | None]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` (as ``nn.Module._apply`` calls it) applying only device moves to the ``kept`` tensors."""
+    keep_dtype = {id(t): t.dtype for t in kept if t is not None}
+
+    def move_only(t: torch.Tensor) -> torch.Tensor:
+        moved = fn(t)
+        if id(t) in keep_dtype and moved.dtype != keep_dtype[id(t)]:
+            moved = t.to(device=moved.device)
+        return moved
+
+    return move_only
+
+
 class ScaledLinear(nn.Linear):
     """A linear layer with an FP8 (e4m3) ``weight`` and a float32 ``weight_scale``.
 
     Made in place from an ``nn.Linear`` by :meth:`convert`, so the module keeps its identity, its
     name, its hooks and its bias. ``quantize_input`` selects W8A8 (the activation is quantized
-    on the fly) or weight-only FP8 (the activation stays in its dtype).
+    on the fly) or weight-only FP8 (the activation stays in its dtype). A float32
+    ``input_scale`` (static activation scaling, from a calibration or a checkpoint) replaces the
+    on-the-fly activation scale; it is None for dynamic scaling.
 
     The FP8 weight is a buffer, not a parameter: diffusers and transformers take a model's
     compute dtype from its first floating-point parameter (``model.dtype``, which pipelines use
@@ -25,12 +42,21 @@ class ScaledLinear(nn.Linear):
     """
 
     weight_scale: torch.Tensor
+    input_scale: torch.Tensor | None
     quantize_input: bool
     granularity: str
     fast_accum: bool
 
     @classmethod
-    def convert(cls, linear: nn.Linear, *, quantize_input: bool, granularity: str, fast_accum: bool) -> ScaledLinear:
+    def convert(
+        cls,
+        linear: nn.Linear,
+        *,
+        quantize_input: bool,
+        granularity: str,
+        fast_accum: bool,
+        input_scale: float | None = None,
+    ) -> ScaledLinear:
         """Quantize ``linear``'s weight and turn the module into a ScaledLinear, in place.
 
         The BF16 weight is released as soon as the FP8 copy exists. Weight-only layers always use
@@ -38,12 +64,36 @@ class ScaledLinear(nn.Linear):
         """
         weight_granularity = granularity if quantize_input else "per_row"
         weight_fp8, scale = ops.quantize_weight(linear.weight, weight_granularity)
+        static_scale = None if input_scale is None else torch.tensor(input_scale, dtype=torch.float32, device=scale.device)
+        return cls.from_quantized(
+            linear, weight_fp8, scale, static_scale,
+            quantize_input=quantize_input, granularity=weight_granularity, fast_accum=fast_accum,
+        )
+
+    @classmethod
+    def from_quantized(
+        cls,
+        linear: nn.Linear,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        input_scale: torch.Tensor | None,
+        *,
+        quantize_input: bool,
+        granularity: str,
+        fast_accum: bool,
+    ) -> ScaledLinear:
+        """Turn ``linear`` into a ScaledLinear holding already quantized tensors, in place.
+
+        What :meth:`convert` ends with, and how an FP8 checkpoint is loaded: ``linear``'s own
+        weight (BF16, or a meta-device placeholder) is dropped, never cast.
+        """
         del linear.weight
-        linear.register_buffer("weight", weight_fp8)
-        linear.register_buffer("weight_scale", scale)
+        linear.register_buffer("weight", weight)
+        linear.register_buffer("weight_scale", weight_scale)
+        linear.register_buffer("input_scale", input_scale)
         linear.__class__ = cls
         linear.quantize_input = quantize_input
-        linear.granularity = weight_granularity
+        linear.granularity = granularity
         linear.fast_accum = fast_accum
         return linear
 
@@ -52,6 +102,19 @@ class ScaledLinear(nn.Linear):
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """This layer's FP8 product with ``x``, plus ``bias``."""
+        self.check_input(x)
+        if self.quantize_input and self.input_scale is not None:
+            return torch.ops.fp8_compile.scaled_linear.default(
+                x, self.weight, self.weight_scale, bias, self.granularity, self.fast_accum, input_scale=self.input_scale
+            )
+        if self.quantize_input:
+            return torch.ops.fp8_compile.scaled_linear.default(
+                x, self.weight, self.weight_scale, bias, self.granularity, self.fast_accum
+            )
+        return torch.ops.fp8_compile.weight_only_scaled_linear.default(x, self.weight, self.weight_scale, bias)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Refuse what an FP8 layer cannot compute: gradients, and an input already cast to FP8."""
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError(
                 "fp8_compile layers are inference-only (FP8 GEMMs have no backward here); "
@@ -62,26 +125,13 @@ class ScaledLinear(nn.Linear):
                 "an FP8 layer received an FP8 input: the model code cast it to the layer's weight "
                 "dtype; keep this layer in BF16 with options={'ignored_layers': [<its name>]}"
             )
-        if self.quantize_input:
-            return torch.ops.fp8_compile.scaled_linear.default(
-                x, self.weight, self.weight_scale, bias, self.granularity, self.fast_accum
-            )
-        return torch.ops.fp8_compile.weight_only_scaled_linear.default(x, self.weight, self.weight_scale, bias)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> ScaledLinear:
         # model.to(torch.bfloat16), .half() or .float() cast every floating-point tensor, FP8 ones
-        # included, which would silently drop the quantization. The FP8 weight and its scale
+        # included, which would silently drop the quantization. The FP8 weight and its scales
         # follow device moves only.
-        keep_dtype = {id(self.weight): self.weight.dtype, id(self.weight_scale): self.weight_scale.dtype}
-
-        def move_only(t: torch.Tensor) -> torch.Tensor:
-            moved = fn(t)
-            if id(t) in keep_dtype and moved.dtype != keep_dtype[id(t)]:
-                moved = t.to(device=moved.device)
-            return moved
-
-        return super()._apply(move_only, recurse)
+        return super()._apply(moving_only(fn, [self.weight, self.weight_scale, self.input_scale]), recurse)
 
     def extra_repr(self) -> str:
-        mode = "w8a8" if self.quantize_input else "weight-only"
+        mode = ("w8a8 static" if self.input_scale is not None else "w8a8") if self.quantize_input else "weight-only"
         return f"{super().extra_repr()}, fp8={mode}, granularity={self.granularity}"

@@ -47,6 +47,18 @@ def quantize_activation(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
+def quantize_activation_static(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """Static scaling with a calibrated float32 ``input_scale``: no reduction, only a pointwise
+    divide, clamp and cast, which Inductor fuses into the kernel that produces ``x``."""
+    return (x.float() / input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def static_activation_scale(input_scale: torch.Tensor, x2d: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """The static scale of the [M, K] activation ``x2d`` as ``_scaled_mm`` takes it: one per
+    tensor next to a per-tensor weight scale, else one per row (it accepts no mix of the two)."""
+    return input_scale if weight_scale.numel() == 1 else input_scale.reshape(1, 1).expand(x2d.shape[0], 1).contiguous()
+
+
 def fp8_matmul(
     x_fp8: torch.Tensor,
     x_scale: torch.Tensor,
@@ -75,10 +87,16 @@ def fp8_linear(
     bias: torch.Tensor | None,
     granularity: str,
     fast_accum: bool,
+    input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``F.linear`` with a dynamically quantized activation and an FP8 weight (W8A8)."""
+    """``F.linear`` with an FP8 weight and the activation quantized with ``input_scale`` (static)
+    or with scales computed on the fly (dynamic, when it is None): W8A8."""
     x2d = x.reshape(-1, x.shape[-1])
-    x_fp8, x_scale = quantize_activation(x2d, granularity)
+    if input_scale is None:
+        x_fp8, x_scale = quantize_activation(x2d, granularity)
+    else:
+        x_fp8 = quantize_activation_static(x2d, input_scale)
+        x_scale = static_activation_scale(input_scale, x2d, weight_scale)
     out = fp8_matmul(x_fp8, x_scale, weight_fp8, weight_scale, bias, x.dtype, fast_accum)
     return out.reshape(*x.shape[:-1], weight_fp8.shape[0])
 
@@ -107,12 +125,13 @@ def scaled_linear(
     bias: torch.Tensor | None,
     granularity: str,
     fast_accum: bool,
+    input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return fp8_linear(x, weight, weight_scale, bias, granularity, fast_accum)
+    return fp8_linear(x, weight, weight_scale, bias, granularity, fast_accum, input_scale)
 
 
 @scaled_linear.register_fake
-def _(x, weight, weight_scale, bias, granularity, fast_accum):
+def _(x, weight, weight_scale, bias, granularity, fast_accum, input_scale=None):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 

@@ -59,6 +59,10 @@ class QuantizationReport:
         kept = Counter(layer.reason for layer in self.by_decision(Decision.BF16))
         if kept:
             text += ", kept in BF16: " + ", ".join(f"{n} {reason}" for reason, n in kept.most_common())
+        # how the FP8 layers scale, where it is not the default (static, block-wise, per expert)
+        scaled = Counter(layer.reason for layer in self.by_decision(Decision.FP8) if layer.reason != "fp8")
+        if scaled:
+            text += ", fp8 with: " + ", ".join(f"{n} {reason}" for reason, n in scaled.most_common())
         if self.bytes_before:
             text += (
                 f"; weights of the quantized layers {self.bytes_before / 2**20:.1f} MiB -> "

@@ -22,6 +22,7 @@ class UseWeightOnlyWithoutFp8Gemm(GraphPass):
                 x, weight, weight_scale, bias, _granularity, _fast_accum = layer.node.args
                 layer.node.target = WEIGHT_ONLY_LINEAR
                 layer.node.args = (x, weight, weight_scale, bias)
+                layer.node.kwargs = {}  # a static input_scale has no use without an FP8 GEMM
                 layer.kind = LayerKind.WEIGHT_ONLY
 
 

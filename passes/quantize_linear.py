@@ -8,7 +8,9 @@
     y = y2d.reshape(*x.shape[:-1], N)
 
 so that Inductor sees the quantization as ordinary element-wise and reduction ops and fuses
-them into the kernel that produces ``x`` (a norm, a modulation, a GELU).
+them into the kernel that produces ``x`` (a norm, a modulation, a GELU). A layer with a static
+``input_scale`` gets ``quantize_activation_static(x2d, input_scale)`` instead: no reduction,
+a pointwise divide-clamp-cast that Inductor folds into the producer's kernel.
 """
 
 from __future__ import annotations
@@ -34,13 +36,18 @@ class QuantizeLinear(GraphPass):
                 continue
             node = layer.node
             x, weight, weight_scale, bias, granularity, fast_accum = node.args
+            input_scale = node.kwargs.get("input_scale")  # a calibrated scale: static quantization
             out_dtype = node.meta["example_value"].dtype
             in_features = layer.weight.shape[1]
             with g.inserting_before(node):
                 x2d = g.call_method("reshape", (x, -1, in_features))
-                quantized = g.call_function(ops.quantize_activation, (x2d, granularity))
-                x_fp8 = g.call_function(operator.getitem, (quantized, 0))
-                x_scale = g.call_function(operator.getitem, (quantized, 1))
+                if input_scale is None:
+                    quantized = g.call_function(ops.quantize_activation, (x2d, granularity))
+                    x_fp8 = g.call_function(operator.getitem, (quantized, 0))
+                    x_scale = g.call_function(operator.getitem, (quantized, 1))
+                else:
+                    x_fp8 = g.call_function(ops.quantize_activation_static, (x2d, input_scale))
+                    x_scale = g.call_function(ops.static_activation_scale, (input_scale, x2d, weight_scale))
                 y2d = g.call_function(
                     ops.fp8_matmul, (x_fp8, x_scale, weight, weight_scale, bias, out_dtype, fast_accum)
                 )

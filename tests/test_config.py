@@ -12,6 +12,10 @@ def test_defaults():
     assert config.granularity == "per_row"
 
 
+def test_block_size_is_normalised_to_a_pair():
+    assert Fp8Config.from_options({"weight_block_size": [128, 64]}).weight_block_size == (128, 64)
+
+
 def test_single_pattern_string_is_one_pattern():
     assert Fp8Config.from_options({"ignored_layers": "img_mlp"}).ignored_layers == ("img_mlp",)
 
@@ -25,8 +29,16 @@ def test_single_pattern_string_is_one_pattern():
         ({"ignored_layers": ["ok", ""]}, "'ignored_layers' must be a list of non-empty layer-name patterns"),
         ({"ignored_layers": ["re:("]}, "'re:(' is not a valid regular expression"),
         ({"activation_scheme": "dynamik"}, "did you mean 'dynamic'"),
-        ({"activation_scheme": "static"}, "'activation_scheme'='static' needs calibrated activation scales"),
-        ({"weight_block_size": [128, 128]}, "'weight_block_size' (block-wise weight scales) is not supported yet"),
+        ({"activation_scheme": "static"}, "'activation_scheme'='static' and 'activation_scales' go together"),
+        ({"activation_scales": {"a": 1.0}}, "'activation_scheme'='static' and 'activation_scales' go together"),
+        ({"activation_scheme": "static", "activation_scales": "/nonexistent.safetensors"}, "no such file"),
+        ({"activation_scheme": "static", "activation_scales": 3}, "must be a scales file written by fp8_compile.calibration"),
+        ({"activation_scheme": "static", "activation_scales": {"a": 0.0}}, "finite and > 0; bad layers: ['a']"),
+        ({"missing_activation_scales": "skip"}, "'missing_activation_scales' must be one of ['error', 'dynamic']"),
+        ({"weight_block_size": [128, 100]}, "'weight_block_size' must be [block_n, block_k], powers of two from 32 to 512"),
+        ({"weight_block_size": 128}, "'weight_block_size' must be [block_n, block_k]"),
+        ({"weight_block_size": [128, 128], "activation_scheme": "static", "activation_scales": {"a": 1.0}}, "cannot take 'activation_scheme'='static'"),
+        ({"towers": "int8"}, "'towers' must be one of ['bf16', 'fp8']"),
         ({"granularity": "per_channel"}, "'granularity' must be one of ['per_row', 'per_tensor']"),
         ({"conditioning": "int4"}, "'conditioning' must be one of ['weight_only', 'fp8', 'bf16']"),
         ({"fast_accum": "yes"}, "'fast_accum' must be True or False"),

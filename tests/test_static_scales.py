@@ -1,0 +1,166 @@
+"""Static activation scales: calibration, the scales file, its checks, and the static FP8 path.
+
+Error bound for static scaling: a calibrated per-tensor scale puts the largest calibration input
+on 448, like a dynamic per-tensor scale does, so on inputs drawn like the calibration ones the
+error is that of per-tensor FP8: ~5% per GEMM, well under the 0.15 the model tests allow (see
+test_models.py). A wrong scale (10x too large: values fall into e4m3's subnormals; 10x too
+small: everything saturates) gives errors of 0.3 and more.
+"""
+
+import json
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from torch._inductor.utils import run_and_get_code
+
+import fp8_compile
+from fp8_compile import Decision, ScaledLinear
+from fp8_compile.activation_scales import ActivationScales, load_activation_scales, save_activation_scales
+from fp8_compile.calibration import calibrate, main as calibration_main, zoo_runs
+from fp8_compile.zoo import DITS
+
+from conftest import SMALL, build, first_output, rel_error
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).to(torch.bfloat16).eval()
+
+
+def _mlp_input() -> torch.Tensor:
+    return torch.randn(2, 32, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def flux_scales(tmp_path_factory):
+    """Scales calibrated on the tiny FLUX over 3 steps, written to a file."""
+    model, _ = build("flux")
+    runs = zoo_runs(DITS["flux"], model, 3, SMALL, torch.bfloat16, "cpu")
+    scales = calibrate(model, runs, {"ignored_layers": ["ff_context"]})
+    path = tmp_path_factory.mktemp("scales") / "flux.safetensors"
+    save_activation_scales(scales, path)
+    return path, scales
+
+
+def test_calibration_file_names_model_layers_and_config(flux_scales):
+    path, scales = flux_scales
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        layers = set(f.keys())
+    assert metadata["model_class"] == "FluxTransformer2DModel"
+    assert json.loads(metadata["layers"]) == sorted(layers)
+    assert json.loads(metadata["config"])["ignored_layers"] == ["ff_context"]
+    assert json.loads(metadata["calibration"]) == {"method": "max", "forward_calls": 3}
+    # the W8A8 layers of that config: not the ignored ones, not the weight-only conditioning ones
+    assert len(layers) == 33 and not any("ff_context" in n or "norm1.linear" in n for n in layers)
+    assert load_activation_scales(path).scales == pytest.approx(scales.scales)
+
+
+def test_percentile_scales_clip_below_the_max(flux_scales):
+    _, by_max = flux_scales
+    model, _ = build("flux")
+    runs = zoo_runs(DITS["flux"], model, 3, SMALL, torch.bfloat16, "cpu")
+    by_percentile = calibrate(model, runs, {"ignored_layers": ["ff_context"]}, method="percentile", percentile=99.0)
+    assert by_percentile.scales.keys() == by_max.scales.keys()
+    ratios = [by_percentile.scales[n] / by_max.scales[n] for n in by_max.scales]
+    assert max(ratios) <= 1.0 and min(ratios) < 0.9
+
+
+def test_static_model_is_close_to_bf16(flux_scales):
+    path, scales = flux_scales
+    model, inputs = build("flux")
+    with torch.no_grad():
+        reference = first_output(model(**inputs))
+    report = fp8_compile.quantize_(model, {"ignored_layers": ["ff_context"], "activation_scheme": "static", "activation_scales": str(path)})
+    static = [layer for layer in report.layers if layer.reason == "static activation scale"]
+    assert len(static) == len(scales.scales) == len(report.by_decision(Decision.FP8))
+    for layer in static:
+        module = model.get_submodule(layer.name)
+        assert module.input_scale.dtype == torch.float32 and module.input_scale.item() == pytest.approx(scales.scales[layer.name])
+    with torch.no_grad():
+        out = first_output(model(**inputs))
+    assert rel_error(out, reference) < 0.15
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_row"])
+def test_static_quantize_fuses_into_its_producer(granularity):
+    """Compiled, the static quantize adds no kernel and no reduction: it is a divide-clamp-cast
+    inside the kernel of the op that produced the activation (LayerNorm, GELU)."""
+    x = _mlp_input()
+    with torch.no_grad():
+        _, (bf16_code, *_) = run_and_get_code(torch.compile(_mlp()), x)
+        model = _mlp()
+        scales = calibrate(model, [(x,)])
+        fp8_compile.quantize_(model, {"granularity": granularity, "activation_scheme": "static", "activation_scales": scales.scales})
+        _, (code, *_) = run_and_get_code(torch.compile(model, backend="omni_fp8"), x)
+    kernels = set(re.findall(r"\b(cpp_fused_\w+|triton_\w+_fused_\w+)\b", code))
+    assert len(kernels) == len(set(re.findall(r"\b(cpp_fused_\w+|triton_\w+_fused_\w+)\b", bf16_code)))
+    assert not any("amax" in k for k in kernels)
+    assert any("layer_norm" in k and "div" in k for k in kernels) and any("gelu" in k and "div" in k for k in kernels)
+    assert len(re.findall(r"\b_scaled_mm(?:\.default)?\(", code)) == 2
+
+
+def test_bad_scales_fail_before_any_weight_is_touched(tmp_path):
+    model = _mlp()
+    scales = calibrate(model, [(_mlp_input(),)])
+
+    def refused(value, match, **options):
+        with pytest.raises(ValueError, match=match):
+            fp8_compile.quantize_(model, {"activation_scheme": "static", "activation_scales": value, **options})
+        assert not any(isinstance(m, ScaledLinear) for m in model.modules())
+
+    other = tmp_path / "other.safetensors"
+    save_activation_scales(ActivationScales(scales.scales, "x", model_class="FluxTransformer2DModel"), other)
+    refused(str(other), r"other.safetensors' holds activation scales calibrated on FluxTransformer2DModel, not on Sequential")
+
+    partial = tmp_path / "partial.safetensors"
+    save_activation_scales(ActivationScales({"1": scales.scales["1"]}, "x", model_class="Sequential"), partial)
+    refused(str(partial), r"partial.safetensors' has no activation scale for 1 FP8 layers of Sequential: '3'")
+
+    refused({**scales.scales, "9": 1.0}, r"not linear layers of Sequential: '9'")
+    refused({"1": float("nan"), "3": 0.0}, r"scales must be finite and > 0; bad layers: \['1', '3'\]")
+    with pytest.raises(ValueError, match=r"bad scales for layers '3'"):
+        ActivationScales({"1": 1.0, "3": float("inf")}, "scales.safetensors")
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(other.read_bytes()[:40])
+    refused(str(corrupt), r"corrupt.safetensors' is not a readable safetensors file")
+    refused(str(tmp_path / "missing.safetensors"), r"no such file .*missing.safetensors")
+
+
+def test_bad_scales_fail_before_the_backend_compiles(tmp_path):
+    model = _mlp()
+    scales_file = tmp_path / "partial.safetensors"
+    save_activation_scales(ActivationScales({"1": 0.01}, "x", model_class="Sequential"), scales_file)
+    compiled = torch.compile(model, backend="omni_fp8", options={"activation_scheme": "static", "activation_scales": str(scales_file)})
+    with pytest.raises(Exception, match=r"partial.safetensors' has no activation scale .* '3'"), torch.no_grad():
+        compiled(_mlp_input())
+    assert not any(isinstance(m, ScaledLinear) for m in model.modules())
+
+
+def test_layers_without_a_scale_can_fall_back_to_dynamic():
+    model = _mlp()
+    x = _mlp_input()
+    with torch.no_grad():
+        reference = model(x)
+    report = fp8_compile.quantize_(
+        model, {"activation_scheme": "static", "activation_scales": {"1": 0.02}, "missing_activation_scales": "dynamic"}
+    )
+    reasons = {layer.name: layer.reason for layer in report.layers}
+    assert reasons == {"1": "static activation scale", "3": "dynamic activation scale: no static scale"}
+    assert "fp8 with: 1 static activation scale, 1 dynamic activation scale: no static scale" in report.summary()
+    assert model[1].input_scale is not None and model[3].input_scale is None
+    with torch.no_grad():
+        assert rel_error(model(x), reference) < 0.15
+
+
+def test_calibration_command_writes_a_scales_file(tmp_path, capsys):
+    out = tmp_path / "wan.safetensors"
+    calibration_main(["--model", "wan", "--steps", "2", "--method", "percentile", "--out", str(out), "--device", "cpu"])
+    scales = load_activation_scales(out)
+    assert scales.model_class == "WanTransformer3DModel" and len(scales.scales) > 10
+    assert json.loads(scales.metadata["calibration"]) == {"method": "percentile", "forward_calls": 2, "percentile": 99.99}
+    assert "activation scales of WanTransformer3DModel" in capsys.readouterr().out
