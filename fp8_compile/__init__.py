@@ -11,6 +11,7 @@ import logging
 from fp8_compile.config import DEFAULT_CONDITIONING_LAYERS, Fp8Config
 from fp8_compile.convert import quantize_
 from fp8_compile.modules import ScaledLinear
+from fp8_compile.omni import Omni, OmniDiffusionSamplingParams
 from fp8_compile.report import Decision, LayerReport, QuantizationReport, quantization_report
 
 logging.getLogger("fp8_compile").addHandler(logging.NullHandler())
@@ -20,6 +21,8 @@ __all__ = [
     "Decision",
     "Fp8Config",
     "LayerReport",
+    "Omni",
+    "OmniDiffusionSamplingParams",
     "QuantizationReport",
     "ScaledLinear",
     "quantization_report",
