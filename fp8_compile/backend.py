@@ -29,6 +29,7 @@ from fp8_compile.passes import (
     LINEAR_TARGETS,
     Fp8Graph,
     LayerKind,
+    LowerBlockScaledLinear,
     LowerWeightOnly,
     MatchLinearLayers,
     PassManager,
@@ -44,6 +45,7 @@ FP8_PASSES = PassManager(
     [
         UseWeightOnlyWithoutFp8Gemm(),  # lower: no FP8 GEMM on this device -> weight-only
         QuantizeLinear(),  # quantize: activation-quantize + scaled-mm nodes
+        LowerBlockScaledLinear(),  # quantize: block-FP8 layers -> group-quantize + block-scaled GEMM
         ShareActivationQuantization(),  # fuse: one quantization per activation read by several layers
         LowerWeightOnly(),  # lower: weight-only layers -> dequantize + GEMM
     ]

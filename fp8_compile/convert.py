@@ -22,8 +22,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 from tqdm.auto import tqdm
 
 from fp8_compile.activation_scales import assign_static_scales
+from fp8_compile.blockwise import BlockScaledLinear, describe_blocks
 from fp8_compile.config import DEFAULT_TOWER_LAYERS, DTYPE_READ_LAYERS, Fp8Config
 from fp8_compile.modules import ScaledLinear
+from fp8_compile.moe import EXPERT_WEIGHTS, apply_expert_plans, is_experts_module, plan_experts
 from fp8_compile.patterns import LayerPattern, LayerPatterns, closest_names
 from fp8_compile.report import Decision, LayerReport, QuantizationReport, quantization_report, record_report
 
@@ -105,8 +107,9 @@ def plan_layers(named_modules: Iterable[tuple[str, nn.Module]], config: Fp8Confi
 
 
 def warn_unmatched_patterns(patterns: Iterable[str], model: nn.Module) -> None:
-    """Warn about ``ignored_layers`` patterns that match no linear layer of ``model``."""
+    """Warn about ``ignored_layers`` patterns that match no linear layer (or expert weight) of ``model``."""
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    names += [f"{name}.{w}" for name, m in model.named_modules() if is_experts_module(m) for w in EXPERT_WEIGHTS]
     for pattern in patterns:
         if not any(LayerPattern(pattern).matches(name) for name in names):
             close = closest_names(pattern, names)
@@ -140,6 +143,9 @@ def apply_plans(plans: list[LayerPlan], config: Fp8Config) -> QuantizationReport
 
 
 def _convert_layer(plan: LayerPlan, config: Fp8Config) -> None:
+    if plan.decision is Decision.FP8 and config.weight_block_size is not None:
+        BlockScaledLinear.convert(plan.module, block_size=config.weight_block_size)
+        return
     ScaledLinear.convert(
         plan.module,
         quantize_input=plan.decision is Decision.FP8,
@@ -162,8 +168,12 @@ def convert_model(
     warn_unmatched_patterns(config.ignored_layers, model)
     plans = plan_layers(named_modules, config)
     assign_static_scales(plans, model, config)
+    describe_blocks(plans, config)
+    expert_plans = plan_experts(named_modules, config)
     replaced = {id(plan.module.weight): plan.module for plan in plans if plan.decision is not Decision.BF16}
-    report = record_report(model, apply_plans(plans, config))
+    report = apply_plans(plans, config)
+    report.merge(apply_expert_plans(expert_plans, config))
+    report = record_report(model, report)
     logger.info("omni_fp8 %s: %s", type(model).__name__, report.summary())
     return replaced
 

@@ -14,6 +14,7 @@ from fp8_compile.passes.graph import (
     linear_args,
     source_module_path,
 )
+from fp8_compile.passes.lower_blockwise import LowerBlockScaledLinear
 from fp8_compile.passes.lower_weight_only import LowerWeightOnly, UseWeightOnlyWithoutFp8Gemm
 from fp8_compile.passes.match_layers import MatchLinearLayers
 from fp8_compile.passes.pass_manager import GraphPass, PassManager
@@ -26,6 +27,7 @@ __all__ = [
     "GraphPass",
     "LayerKind",
     "LinearLayer",
+    "LowerBlockScaledLinear",
     "LowerWeightOnly",
     "Lowering",
     "MatchLinearLayers",
