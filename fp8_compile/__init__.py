@@ -13,6 +13,7 @@ from fp8_compile.convert import quantize_
 from fp8_compile.modules import ScaledLinear
 from fp8_compile.omni import Omni, OmniDiffusionSamplingParams
 from fp8_compile.report import Decision, LayerReport, QuantizationReport, quantization_report
+from fp8_compile.validation import validate
 
 logging.getLogger("fp8_compile").addHandler(logging.NullHandler())
 
@@ -27,5 +28,6 @@ __all__ = [
     "ScaledLinear",
     "quantization_report",
     "quantize_",
+    "validate",
 ]
 __version__ = "0.1.0"
