@@ -173,6 +173,7 @@ def convert_model(
     replaced = {id(plan.module.weight): plan.module for plan in plans if plan.decision is not Decision.BF16}
     report = apply_plans(plans, config)
     report.merge(apply_expert_plans(expert_plans, config))
+    report.config = config.to_dict()
     report = record_report(model, report)
     logger.info("omni_fp8 %s: %s", type(model).__name__, report.summary())
     return replaced

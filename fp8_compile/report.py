@@ -37,6 +37,7 @@ class QuantizationReport:
     layers: list[LayerReport] = field(default_factory=list)
     bytes_before: int = 0  # weight + bias bytes of the quantized layers before conversion
     bytes_after: int = 0  # the same layers' weight, scale and bias bytes after it
+    config: dict[str, Any] = field(default_factory=dict)  # the options of the latest conversion
 
     def merge(self, other: QuantizationReport) -> None:
         """Add a later conversion's entries; a layer decided again keeps its latest entry."""
@@ -44,6 +45,7 @@ class QuantizationReport:
         self.layers = [layer for layer in self.layers if layer.name not in renamed] + other.layers
         self.bytes_before += other.bytes_before
         self.bytes_after += other.bytes_after
+        self.config = other.config or self.config
 
     def by_decision(self, decision: Decision) -> list[LayerReport]:
         return [layer for layer in self.layers if layer.decision is decision]
@@ -75,8 +77,15 @@ class QuantizationReport:
             "summary": self.summary(),
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
+            "config": self.config,
             "layers": [{**asdict(layer), "decision": layer.decision.value} for layer in self.layers],
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantizationReport:
+        """The report :meth:`to_dict` wrote (as an FP8 checkpoint stores it)."""
+        layers = [LayerReport(**{**layer, "decision": Decision(layer["decision"])}) for layer in data["layers"]]
+        return cls(layers, data["bytes_before"], data["bytes_after"], data.get("config", {}))
 
 
 _REPORTS: weakref.WeakKeyDictionary[nn.Module, QuantizationReport] = weakref.WeakKeyDictionary()
