@@ -144,12 +144,17 @@ def zoo_runs(spec: Any, model: nn.Module, steps: int, resolution: Any, dtype: to
     return runs
 
 
-def _pipeline_runs(folder: str, prompts: list[str], steps: int, device: str) -> tuple[nn.Module, Callable[[], Any]]:
+def pipeline_runs(
+    folder: str, prompts: list[str], steps: int, height: int, width: int, device: str
+) -> tuple[nn.Module, Callable[[], Any]]:
+    """A local diffusers pipeline's denoiser, and a run of the pipeline over ``prompts`` and all
+    ``steps`` (the latents are kept: decoding them adds nothing to the denoiser's statistics)."""
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16).to(device)
     denoiser = getattr(pipe, "transformer", None) or pipe.unet
-    return denoiser, lambda: pipe(prompts, num_inference_steps=steps, output_type="latent")
+    run = lambda: pipe(prompts, height=height, width=width, num_inference_steps=steps, output_type="latent")  # noqa: E731
+    return denoiser, run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         resolution = Resolution(args.height, args.width)
         runs: Any = zoo_runs(spec, model, args.steps, resolution, torch.bfloat16, args.device)
     else:
-        model, runs = _pipeline_runs(args.pipeline, args.prompts, args.steps, args.device)
+        model, runs = pipeline_runs(args.pipeline, args.prompts, args.steps, args.height, args.width, args.device)
     scales = calibrate(model, runs, {"ignored_layers": args.ignored_layers}, args.method, args.percentile)
     save_activation_scales(scales, args.out)
     print(f"wrote {len(scales.scales)} activation scales of {scales.model_class} to {args.out}")

@@ -164,3 +164,15 @@ def test_calibration_command_writes_a_scales_file(tmp_path, capsys):
     assert scales.model_class == "WanTransformer3DModel" and len(scales.scales) > 10
     assert json.loads(scales.metadata["calibration"]) == {"method": "percentile", "forward_calls": 2, "percentile": 99.99}
     assert "activation scales of WanTransformer3DModel" in capsys.readouterr().out
+
+
+def test_calibration_over_a_whole_pipeline(tmp_path):
+    from fp8_compile.tiny_pipelines import write_tiny_pipeline
+
+    folder = write_tiny_pipeline("flux", tmp_path / "pipe")
+    out = tmp_path / "flux.safetensors"
+    calibration_main(["--pipeline", str(folder), "--prompts", "a cat", "a dog", "--steps", "3", "--out", str(out), "--device", "cpu"])
+    scales = load_activation_scales(out)
+    # both prompts go through the denoiser together at each of the 3 steps (FLUX.1 has no CFG pass)
+    assert json.loads(scales.metadata["calibration"])["forward_calls"] == 3
+    assert scales.model_class == "FluxTransformer2DModel" and len(scales.scales) > 10
