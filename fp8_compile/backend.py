@@ -26,6 +26,7 @@ from fp8_compile.hardware import device_of, select_lowering
 from fp8_compile.inductor import compile_graph as compile_with_inductor
 from fp8_compile.modules import ScaledLinear
 from fp8_compile.passes import (
+    FuseActivationQuantization,
     LINEAR_TARGETS,
     Fp8Graph,
     LayerKind,
@@ -47,6 +48,7 @@ FP8_PASSES = PassManager(
         QuantizeLinear(),  # quantize: activation-quantize + scaled-mm nodes
         LowerBlockScaledLinear(),  # quantize: block-FP8 layers -> group-quantize + block-scaled GEMM
         ShareActivationQuantization(),  # fuse: one quantization per activation read by several layers
+        FuseActivationQuantization(),  # fuse: GELU / SiLU-gating (+ cat) and the quantization in one pass
         LowerWeightOnly(),  # lower: weight-only layers -> dequantize + GEMM
     ]
 )

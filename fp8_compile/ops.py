@@ -59,6 +59,45 @@ def static_activation_scale(input_scale: torch.Tensor, x2d: torch.Tensor, weight
     return input_scale if weight_scale.numel() == 1 else input_scale.reshape(1, 1).expand(x2d.shape[0], 1).contiguous()
 
 
+def apply_row_activation(x: torch.Tensor, gate: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """The activations :func:`quantize_rows` fuses, computed in float32."""
+    x = x.float()
+    if activation == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if activation == "gelu":
+        return F.gelu(x)
+    if activation == "silu_mul":
+        return F.silu(x) * gate.float()
+    return x
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., K] -> [M, K] with unit column stride (a view where the layout allows it)."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def quantize_rows(
+    x: torch.Tensor, gate: torch.Tensor | None, prefix: torch.Tensor | None, activation: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row FP8 quantization of ``cat([prefix, activation(x, gate)], -1)`` as [M, K] rows.
+
+    The same numbers as :func:`quantize_activation` applied to that tensor, except that the
+    activation's output is not rounded to the input dtype first. On an NVIDIA GPU it is one
+    Triton kernel that reads each row once; elsewhere it is computed from its definition.
+    """
+    rows = [_as_rows(t) if t is not None else None for t in (x, gate, prefix)]
+    if x.is_cuda:
+        from fp8_compile.triton_kernels import quantize_rows as quantize_rows_kernel
+
+        return quantize_rows_kernel(*rows, activation)
+    x2d, gate2d, prefix2d = rows
+    y = apply_row_activation(x2d, gate2d, activation)
+    if prefix2d is not None:
+        y = torch.cat([prefix2d.float(), y], dim=-1)
+    return quantize_activation(y, "per_row")
+
+
 def fp8_matmul(
     x_fp8: torch.Tensor,
     x_scale: torch.Tensor,

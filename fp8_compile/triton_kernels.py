@@ -1,10 +1,15 @@
-"""Triton kernels for NVIDIA GPUs: the weight-only FP8 GEMM.
+"""Triton kernels for NVIDIA GPUs.
 
-The FP8 weight tile is converted to the activation's dtype inside the kernel, right after it
-is loaded, so no full-size BF16 copy of the weight is ever written to memory. Two shapes of
-work: few rows (the conditioning GEMVs, M <= 8), which are memory-bound and run as a
-multiply-and-reduce over weight tiles; and many rows (every layer on SM80, which has no FP8
-tensor cores), which run as a tiled ``tl.dot`` GEMM.
+**Weight-only FP8 GEMM.** The FP8 weight tile is converted to the activation's dtype inside
+the kernel, right after it is loaded, so no full-size BF16 copy of the weight is ever written
+to memory. Two shapes of work: few rows (the conditioning GEMVs, M <= 8), which are
+memory-bound and run as a multiply-and-reduce over weight tiles; and many rows (every layer on
+SM80, which has no FP8 tensor cores), which run as a tiled ``tl.dot`` GEMM.
+
+**Row-wise quantization with its producer's activation.** One program per row: a first pass
+applies the activation (GELU, SiLU-gating) and takes the row's amax, a second pass re-reads
+the row from L2, applies the activation again and writes it scaled to FP8. The activation's
+BF16 output is never written, and the row leaves HBM once.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+from triton.language.extra import libdevice
 
 GEMV_MAX_ROWS = 8
 
@@ -111,3 +117,76 @@ def weight_only_mm(
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
         wrap_triton(_weight_only_mm_kernel)[grid](*args, **flags)
     return out
+
+
+# activation applied to a row before it is quantized; "silu_mul" is SwiGLU's silu(x) * gate
+ROW_ACTIVATIONS = {"none": 0, "gelu_tanh": 1, "gelu": 2, "silu_mul": 3}
+
+
+@triton.jit
+def _row_chunk(x_ptr, gate_ptr, row, stride_x, stride_gate, cols, K, ACTIVATION: tl.constexpr):
+    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
+    if ACTIVATION == 1:  # tanh-approximated GELU: 0.5 x (1 + tanh(z)) = x * sigmoid(2z)
+        x = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+    elif ACTIVATION == 2:
+        x = 0.5 * x * (1.0 + libdevice.erf(x * 0.7071067811865476))
+    elif ACTIVATION == 3:
+        gate = tl.load(gate_ptr + row * stride_gate + cols, mask=cols < K, other=0.0).to(tl.float32)
+        x = x * tl.sigmoid(x) * gate
+    return x
+
+
+@triton.autotune(
+    configs=[triton.Config({"BLOCK": b}, num_warps=w) for b, w in [(1024, 4), (2048, 8), (4096, 8), (1024, 8)]],
+    key=["K", "K_PREFIX", "ACTIVATION"],
+)
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, gate_ptr, prefix_ptr, out_ptr, scale_ptr, K, K_PREFIX,
+    stride_x, stride_gate, stride_prefix, stride_out,
+    ACTIVATION: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in range(0, K_PREFIX, BLOCK):
+        v = _row_chunk(prefix_ptr, prefix_ptr, row, stride_prefix, 0, k + cols, K_PREFIX, 0)
+        amax = tl.maximum(amax, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
+    for k in range(0, K, BLOCK):
+        v = _row_chunk(x_ptr, gate_ptr, row, stride_x, stride_gate, k + cols, K, ACTIVATION)
+        amax = tl.maximum(amax, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
+    # NaN propagates into the scale, and from it into the whole row of the GEMM output
+    # (tl.max may skip NaNs, so they are counted apart)
+    row_amax = tl.where(tl.sum((amax != amax).to(tl.int32), 0) > 0, float("nan"), tl.max(amax, 0))
+    scale = tl.maximum(row_amax, 1e-12, propagate_nan=tl.PropagateNan.ALL) / 448.0
+    tl.store(scale_ptr + row, scale)
+    out_row = out_ptr + row * stride_out
+    for k in range(0, K_PREFIX, BLOCK):
+        c = k + cols
+        v = _row_chunk(prefix_ptr, prefix_ptr, row, stride_prefix, 0, c, K_PREFIX, 0)
+        q = tl.clamp(libdevice.div_rn(v, scale), -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(out_row + c, q.to(tl.float8e4nv), mask=c < K_PREFIX)
+    for k in range(0, K, BLOCK):
+        c = k + cols
+        v = _row_chunk(x_ptr, gate_ptr, row, stride_x, stride_gate, c, K, ACTIVATION)
+        q = tl.clamp(libdevice.div_rn(v, scale), -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(out_row + K_PREFIX + c, q.to(tl.float8e4nv), mask=c < K)
+
+
+@triton_op("fp8_compile::quantize_rows", mutates_args=())
+def quantize_rows(
+    x: torch.Tensor, gate: torch.Tensor | None, prefix: torch.Tensor | None, activation: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row FP8 quantization of ``cat([prefix, act(x[, gate])], -1)``; 2-D inputs with unit column stride."""
+    M, K = x.shape
+    k_prefix = prefix.shape[1] if prefix is not None else 0
+    out = torch.empty((M, k_prefix + K), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+    gate_arg = gate if gate is not None else x
+    prefix_arg = prefix if prefix is not None else x
+    wrap_triton(_quantize_rows_kernel)[(M,)](
+        x, gate_arg, prefix_arg, out, scale, K, k_prefix,
+        x.stride(0), gate_arg.stride(0), prefix_arg.stride(0), out.stride(0),
+        ACTIVATION=ROW_ACTIVATIONS[activation],
+    )
+    return out, scale

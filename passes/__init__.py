@@ -1,10 +1,12 @@
 """The graph passes of omni_fp8, one transformation per module (installed as ``fp8_compile.passes``).
 
 The backend applies them in this order: match -> (lower to weight-only where the device has no
-FP8 GEMM) -> quantize -> share activation quantization -> lower weight-only layers; Inductor
-then fuses the element-wise work into its kernels and generates them.
+FP8 GEMM) -> quantize -> share activation quantization -> fuse activation functions into the
+quantization -> lower weight-only layers; Inductor then fuses the remaining element-wise work
+into its kernels and generates them.
 """
 
+from fp8_compile.passes.fuse_activation_quantization import FuseActivationQuantization
 from fp8_compile.passes.graph import (
     LINEAR_TARGETS,
     Fp8Graph,
@@ -22,6 +24,7 @@ from fp8_compile.passes.quantize_linear import QuantizeLinear
 from fp8_compile.passes.share_activation_quantization import ShareActivationQuantization
 
 __all__ = [
+    "FuseActivationQuantization",
     "LINEAR_TARGETS",
     "Fp8Graph",
     "GraphPass",

@@ -91,3 +91,19 @@ def test_weight_only_linear_matches_dequantized_reference():
     out = ops.weight_only_linear(x, wq, scale, None)
     ref = x.double() @ dequantize(wq, scale).T
     assert ((out.double() - ref).norm() / ref.norm()) < 2**-7
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu_tanh", "gelu", "silu_mul"])
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_quantize_rows_is_the_activation_then_per_row_quantization(activation, with_prefix):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 48, dtype=torch.bfloat16) * 4
+    gate = torch.randn(2, 5, 48, dtype=torch.bfloat16) if activation == "silu_mul" else None
+    prefix = torch.randn(2, 5, 32, dtype=torch.bfloat16) if with_prefix else None
+    q, scale = ops.quantize_rows(x, gate, prefix, activation)
+    y = ops.apply_row_activation(x.reshape(10, 48), None if gate is None else gate.reshape(10, 48), activation)
+    if with_prefix:
+        y = torch.cat([prefix.reshape(10, 32).float(), y], dim=-1)
+    ref_q, ref_scale = ops.quantize_activation(y, "per_row")
+    assert q.shape == (10, 80 if with_prefix else 48) and scale.shape == (10, 1)
+    assert torch.equal(q.float(), ref_q.float()) and torch.equal(scale, ref_scale)
