@@ -63,7 +63,7 @@ def omni_fp8(
     """Compile a Dynamo graph with its linear layers in FP8. Registered as ``backend="omni_fp8"``."""
     config = Fp8Config.from_options(options)
     device = device_of(example_inputs)
-    graph = Fp8Graph(gm, list(example_inputs), config, device, select_lowering(device))
+    graph = Fp8Graph(gm, list(example_inputs), config, device, select_lowering(device, config.lowering))
     MatchLinearLayers()(graph)
     if any(layer.kind is LayerKind.BF16 and is_pending(layer.weight) for layer in graph.layers):
         return ConvertOnFirstCall(graph, mode)

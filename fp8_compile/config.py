@@ -19,6 +19,7 @@ from fp8_compile.patterns import LayerPattern
 METHODS = ("fp8",)
 ACTIVATION_SCHEMES = ("dynamic", "static")
 GRANULARITIES = ("per_row", "per_tensor")
+LOWERINGS = ("auto", "w8a8", "weight_only")
 CONDITIONING_MODES = ("weight_only", "fp8", "bf16")
 MISSING_SCALE_MODES = ("error", "dynamic")
 TOWER_MODES = ("bf16", "fp8")
@@ -154,6 +155,9 @@ class Fp8Config:
     per (1 x block_k) group, as block-FP8 checkpoints do (``granularity`` then does not apply
     to the FP8 layers). ``towers`` says whether the vision/audio encoders matched by
     ``DEFAULT_TOWER_LAYERS`` stay BF16 (the default) or are converted like the rest.
+    ``lowering`` forces how FP8 layers run: ``"w8a8"`` (FP8 x FP8 GEMM, SM89+ and the CPU),
+    ``"weight_only"`` (FP8 weights dequantized inside a BF16 GEMM, as on SM80) or ``"auto"``
+    (chosen from the device's compute capability).
     """
 
     method: str = "fp8"
@@ -168,6 +172,7 @@ class Fp8Config:
     activation_scales: str | dict[str, float] | None = None
     missing_activation_scales: str = "error"
     towers: str = "bf16"
+    lowering: str = "auto"
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | Fp8Config | None) -> Fp8Config:
@@ -212,6 +217,7 @@ class Fp8Config:
         set_(self, "conditioning_layers", _patterns("conditioning_layers", self.conditioning_layers))
         _flag("fast_accum", self.fast_accum)
         _flag("cudagraphs", self.cudagraphs)
+        _choice("lowering", self.lowering, LOWERINGS)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
