@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from fp8_compile.blockwise import BlockScaledLinear
 from fp8_compile.modules import ScaledLinear
-from fp8_compile.moe import EXPERT_WEIGHTS, Fp8Experts, is_experts_module
+from fp8_compile.moe import EXPERT_WEIGHTS, Fp8Experts
 from fp8_compile.report import Decision, LayerReport, QuantizationReport, quantization_report, record_report
 
 logger = logging.getLogger("fp8_compile")

@@ -6,7 +6,6 @@ and cosine >= 0.985; a single expert GEMM is held to the per-GEMM e4m3 bound (0.
 
 import copy
 
-import pytest
 import torch
 import torch.nn as nn
 
