@@ -82,10 +82,19 @@ def cuda_time_ms(fn, warmup: int, iters: int) -> float:
 
 
 def torchao_convert(model: nn.Module, granularity: str) -> None:
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        PerRow,
+        PerTensor,
+        quantize_,
+    )
 
-    gran = PerRow() if granularity == "row" else PerTensor()
-    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=gran))
+    if granularity == "weightonly":
+        quantize_(model, Float8WeightOnlyConfig())
+    else:
+        gran = PerRow() if granularity == "row" else PerTensor()
+        quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=gran))
 
 
 def prepare(row: str, model: nn.Module) -> tuple[nn.Module, str]:
@@ -99,7 +108,7 @@ def prepare(row: str, model: nn.Module) -> tuple[nn.Module, str]:
     if row.startswith("bf16"):
         backend, options = "inductor", None
     elif row.startswith("torchao"):
-        torchao_convert(model, "row" if "row" in parts else "tensor")
+        torchao_convert(model, "row" if "row" in parts else "weightonly" if "weightonly" in parts else "tensor")
         backend, options = "inductor", None
     elif row.startswith("omni_fp8"):
         # "defaultred": Inductor's own persistent-reduction limit, to measure what ours buys
@@ -108,6 +117,7 @@ def prepare(row: str, model: nn.Module) -> tuple[nn.Module, str]:
             "granularity": "per_tensor" if "tensor" in parts else "per_row",
             "fast_accum": "exact" not in parts,
             "cudagraphs": cudagraphs,
+            "lowering": "weight_only" if "weightonly" in parts else "auto",
         }
         fp8_compile.quantize_(model, options)
         backend = "omni_fp8"
