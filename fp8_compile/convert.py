@@ -56,6 +56,11 @@ def _decide(name: str, module: nn.Linear, config: Fp8Config, ignored: LayerPatte
         return Decision.BF16, f"ignored by {pattern!r}"
     if _DTYPE_READ.first_match(name) is not None:
         return Decision.BF16, "the model reads its weight dtype"
+    if "forward" in vars(module):
+        # A hook set up before conversion (diffusers' context-parallel gather on proj_out, its
+        # offloading or casting hooks) holds the bound nn.Linear.forward and would go on calling
+        # it, on the FP8 weight, after the class swap.
+        return Decision.BF16, "forward wrapped by a hook added before conversion (convert first)"
     if config.towers == "bf16" and _TOWERS.first_match(name) is not None:
         return Decision.BF16, "vision/audio tower"
     if module.weight.dtype not in _CONVERTIBLE_DTYPES:
