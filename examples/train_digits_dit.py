@@ -26,7 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fp8_compile.digits import DIGITS_DIT_DIR, IMAGE_SIZE, TIMESTEP_SCALE, build_digits_dit, sample_digits
+from fp8_compile.digits import (
+    DIGITS_DIT_DIR,
+    IMAGE_SIZE,
+    TIMESTEP_SCALE,
+    build_digits_dit,
+    load_digits_dit,
+    sample_digits,
+)
 from fp8_compile.flow_matching import noisy_sample, velocity_target
 from fp8_compile.validation.pictures import save_image_grid
 
@@ -80,6 +87,8 @@ def train(args: argparse.Namespace) -> nn.Module:
     images, labels = load_digit_images()
     images, labels = images.to(device), labels.to(device)
     model = build_digits_dit(torch.float32, device).train()
+    if args.init is not None:  # continue from a saved checkpoint (its weights; the optimizer starts afresh)
+        model.load_state_dict(load_digits_dit(torch.float32, device, args.init).state_dict())
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     logger.info("training %.2f M parameters on %d digits, %s", sum(p.numel() for p in model.parameters()) / 1e6,
@@ -119,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=float, default=0.05, help="fraction of training spent warming up")
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, default=None, help="a checkpoint folder to continue training from")
     parser.add_argument("--out", type=Path, default=DIGITS_DIT_DIR)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
