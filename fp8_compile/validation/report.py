@@ -49,7 +49,7 @@ class ValidationReport:
         data = asdict(self)
         collapse = self.first_collapse
         data["first_collapse"] = collapse.name if collapse else None
-        return _finite_or_text(data)
+        return json_safe(data)
 
     def write_json(self, path: Path) -> Path:
         path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
@@ -135,13 +135,13 @@ def _db(value: float) -> str:
     return f"{value:.2f} dB" if math.isfinite(value) else f"{value} dB"
 
 
-def _finite_or_text(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON has no Inf or NaN: such floats become the strings "inf", "-inf" or "nan"
     (an infinite SQNR or PSNR means the FP8 value equals the BF16 one exactly)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _finite_or_text(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite_or_text(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
