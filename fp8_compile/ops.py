@@ -49,8 +49,13 @@ def quantize_activation(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor
 
 def quantize_activation_static(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
     """Static scaling with a calibrated float32 ``input_scale``: no reduction, only a pointwise
-    divide, clamp and cast, which Inductor fuses into the kernel that produces ``x``."""
-    return (x.float() / input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    divide, clamp and cast, which Inductor fuses into the kernel that produces ``x``.
+
+    Values beyond the calibrated range saturate at +-448; an Inf becomes NaN instead, so that
+    it gives NaN out, as with dynamic scaling, rather than a finite wrong value.
+    """
+    scaled = (x.float() / input_scale).clamp(-FP8_MAX, FP8_MAX)
+    return torch.where(x.isinf(), torch.nan, scaled).to(FP8_DTYPE)
 
 
 def static_activation_scale(input_scale: torch.Tensor, x2d: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
