@@ -14,11 +14,15 @@ then through Inductor, which generates the FP8 kernels.
 
 from __future__ import annotations
 
+import copy
 import logging
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 import torch.fx as fx
+from torch._dynamo.exc import RestartAnalysis
 
 from fp8_compile.config import Fp8Config
 from fp8_compile.convert import convert_owner_of, is_pending, keep_weights
@@ -65,17 +69,82 @@ def omni_fp8(
     device = device_of(example_inputs)
     graph = Fp8Graph(gm, list(example_inputs), config, device, select_lowering(device, config.lowering))
     MatchLinearLayers()(graph)
+    check_inference_only(graph)
     if any(layer.kind is LayerKind.BF16 and is_pending(layer.weight) for layer in graph.layers):
         return ConvertOnFirstCall(graph, mode)
     return compile_graph(graph, mode)
 
 
+def check_inference_only(graph: Fp8Graph) -> None:
+    """Refuse a graph that autograd would have to differentiate through FP8 layers.
+
+    ``_scaled_mm`` has no derivative: left alone, AOTAutograd fails deep inside with
+    "derivative for aten::_scaled_mm is not implemented". Dynamo guards on the grad mode, so
+    the same model called under ``torch.no_grad()`` is traced again and compiled normally.
+    """
+    if not torch.is_grad_enabled():
+        return
+    if not any(isinstance(value, torch.Tensor) and value.requires_grad for value in graph.example_inputs):
+        return
+    fp8 = [layer.name for layer in graph.layers if layer.kind is not LayerKind.BF16 or is_pending(layer.weight)]
+    if fp8:
+        raise RuntimeError(
+            f"omni_fp8 compiles for inference only (FP8 GEMMs have no backward), and {describe_graph(graph)} "
+            "was called with gradients enabled on inputs or parameters that require grad. Call the model "
+            "under torch.no_grad() or torch.inference_mode() (diffusers pipelines do)."
+        )
+
+
+class InductorFallbackWarning(UserWarning):
+    """Inductor failed on a graph, which then runs its FP8 operations uncompiled."""
+
+
 def compile_graph(graph: Fp8Graph, mode: str | None) -> Callable:
-    """Run the FP8 passes on a matched graph, then Inductor."""
+    """Run the FP8 passes on a matched graph, then Inductor.
+
+    Should Inductor fail, the graph runs as the passes left it, uncompiled: the same FP8
+    operations with the same scales, only slower, and a warning names the graph. A generation
+    hours long then finishes instead of crashing; ``strict=True`` raises instead.
+    """
     FP8_PASSES(graph)
     fp8_layers = sum(layer.kind is not LayerKind.BF16 for layer in graph.layers)
     logger.debug("omni_fp8: compiling a graph with %d FP8 layers of %d", fp8_layers, len(graph.layers))
-    return compile_with_inductor(graph.gm, graph.example_inputs, graph.device, mode, graph.config.cudagraphs)
+    # Inductor rewrites the graph module it is given in place; a failure can leave it half done.
+    uncompiled = _copy_graph_module(graph.gm)
+    try:
+        return compile_with_inductor(graph.gm, graph.example_inputs, graph.device, mode, graph.config.cudagraphs)
+    except RestartAnalysis:
+        raise  # Dynamo asking to trace the frame again (e.g. with its float scalars as tensors)
+    except Exception as error:
+        if graph.config.strict:
+            raise
+        warnings.warn(
+            f"omni_fp8: Inductor failed on {describe_graph(graph)} ({_first_line(error)}); that graph now runs its FP8 "
+            "operations uncompiled (same numerics, slower). Pass options={'strict': True} to raise instead.",
+            InductorFallbackWarning,
+            stacklevel=2,
+        )
+        logger.debug("omni_fp8: the Inductor failure in full", exc_info=True)
+        return uncompiled
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    # Copies the nodes only; tensors the graph holds as attributes stay shared.
+    return fx.GraphModule(gm, copy.deepcopy(gm.graph))
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def describe_graph(graph: Fp8Graph) -> str:
+    """A graph as messages name it: Dynamo's compile id (as TORCH_LOGS prints it) and its layers."""
+    compile_id = graph.gm.meta.get("dynamo_compile_id")
+    names = [layer.name for layer in graph.layers]
+    shown = names if len(names) <= 3 else [names[0], "...", names[-1]]
+    layers = f"{len(names)} linear layer{'s' * (len(names) != 1)}: {', '.join(shown)}" if names else "no linear layer"
+    return f"graph {compile_id if compile_id is not None else '?'} ({layers})"
 
 
 class ConvertOnFirstCall:

@@ -158,6 +158,8 @@ class Fp8Config:
     ``lowering`` forces how FP8 layers run: ``"w8a8"`` (FP8 x FP8 GEMM, SM89+ and the CPU),
     ``"weight_only"`` (FP8 weights dequantized inside a BF16 GEMM, as on SM80) or ``"auto"``
     (chosen from the device's compute capability).
+    ``strict`` makes an Inductor failure on a graph raise; by default that graph runs its FP8
+    operations uncompiled (slower, same numerics) with a warning naming it.
     """
 
     method: str = "fp8"
@@ -172,6 +174,7 @@ class Fp8Config:
     activation_scales: str | dict[str, float] | None = None
     missing_activation_scales: str = "error"
     towers: str = "bf16"
+    strict: bool = False
     lowering: str = "auto"
 
     @classmethod
@@ -217,6 +220,7 @@ class Fp8Config:
         set_(self, "conditioning_layers", _patterns("conditioning_layers", self.conditioning_layers))
         _flag("fast_accum", self.fast_accum)
         _flag("cudagraphs", self.cudagraphs)
+        _flag("strict", self.strict)
         _choice("lowering", self.lowering, LOWERINGS)
 
     def to_dict(self) -> dict[str, Any]:
