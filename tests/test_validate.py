@@ -121,14 +121,39 @@ def test_layer_groups_follow_names_and_select_exactly_their_layers():
 
 
 @pytest.mark.slow
-def test_whole_tiny_pipeline(tmp_path):
+def test_command_on_a_whole_tiny_pipeline(tmp_path):
+    """Prompt -> text encoders -> denoiser over the pipeline's scheduler -> VAE, in BF16 and with
+    the denoiser in FP8; the images are the pipeline's own, in [0, 1]."""
     from fp8_compile.tiny_pipelines import write_tiny_pipeline
-    from fp8_compile.validation.subjects import pipeline_subject
 
     folder = write_tiny_pipeline("flux", tmp_path / "pipe")
-    subject = pipeline_subject(folder, steps=2)
-    report = validate(subject, out_dir=tmp_path / "report")
-    assert _finite(report.image.psnr_db) and report.image.data_range == 1.0
-    assert len(report.denoising) == 2
-    assert report.layers and report.first_collapse is None
-    assert torch.isfinite(torch.tensor([e.output_sqnr_db for e in report.layers if e.decision != "bf16"])).all()
+    validate_main(["--pipeline", str(folder), "--steps", "2", "--out", str(tmp_path / "report")])
+    report = json.loads((tmp_path / "report" / REPORT_JSON).read_text())
+    assert report["model"] == "FluxPipeline" and report["image"]["data_range"] == 1.0
+    assert _finite(report["image"]["psnr_db"]) and len(report["denoising"]) == 2
+    quantized = [layer for layer in report["layers"] if layer["decision"] != "bf16"]
+    assert quantized and min(layer["output_sqnr_db"] for layer in quantized) > HEALTHY_LAYER_DB
+
+
+def test_command_rejects_a_folder_that_is_not_a_pipeline(tmp_path):
+    with pytest.raises(SystemExit, match="not a diffusers pipeline folder"):
+        validate_main(["--pipeline", str(tmp_path), "--out", str(tmp_path / "report")])
+
+
+def test_support_table_rows_say_what_they_rest_on(tmp_path):
+    from fp8_compile.validation.support_table import ENTRIES, build_rows, run_summary, write_support_table
+
+    layer = {"name": "blocks.0.ff.net.2", "decision": "fp8", "output_sqnr_db": 24.0}
+    report = {
+        "model": "flux", "validated_on": "tiny random config", "device": "cpu", "first_collapse": None,
+        "image": {"psnr_db": 41.0, "ssim": 0.99}, "layers": [layer],
+        "suggestion": {"target_psnr_db": 30.0, "met": True, "ignored_layers": []},
+    }
+    rows = {row["model"]: row for row in build_rows(ENTRIES, {"flux": [run_summary(report)]})}
+    assert rows["FLUX.1"]["recommendation"].startswith("fp8; random weights only")
+    assert rows["FLUX.1"]["validated_on"] == ["tiny random config (cpu): PSNR 41.0 dB, SSIM 0.990, weakest layer 24.0 dB"]
+    for model in ("HunyuanImage-3.0", "BAGEL", "Qwen3-TTS"):
+        assert rows[model]["recommendation"].startswith("not validated: ")
+    assert rows["Qwen-Image"]["recommendation"] == "not validated: no validation run yet"
+    markdown, data = write_support_table(tmp_path, list(rows.values()), 30.0)
+    assert "| FLUX.1 |" in markdown.read_text() and json.loads(data.read_text())["target_psnr_db"] == 30.0

@@ -4,6 +4,14 @@ layer sensitivity and suggested ignore lists. Entry points: ``fp8_compile.valida
 
 from fp8_compile.validation.api import validate
 from fp8_compile.validation.report import ValidationReport
-from fp8_compile.validation.subjects import Subject, build_subject, digits_subject, zoo_subject
+from fp8_compile.validation.subjects import Subject, build_subject, digits_subject, pipeline_subject, zoo_subject
 
-__all__ = ["Subject", "ValidationReport", "build_subject", "digits_subject", "validate", "zoo_subject"]
+__all__ = [
+    "Subject",
+    "ValidationReport",
+    "build_subject",
+    "digits_subject",
+    "pipeline_subject",
+    "validate",
+    "zoo_subject",
+]

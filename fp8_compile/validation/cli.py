@@ -10,14 +10,22 @@ from pathlib import Path
 
 from fp8_compile.validation.api import DEFAULT_COLLAPSE_DB, validate
 from fp8_compile.validation.report import ValidationReport
-from fp8_compile.validation.subjects import SUBJECT_NAMES
+from fp8_compile.validation.subjects import (
+    DEFAULT_RESOLUTION,
+    SUBJECT_NAMES,
+    Subject,
+    build_subject,
+    pipeline_subject,
+)
+from fp8_compile.zoo import Resolution
 
 USAGE = """Compare a model's FP8 output with its BF16 output on one seeded generation.
 
 examples:
   python -m fp8_compile.validate --model digits --out runs/digits
   python -m fp8_compile.validate --model qwen_image --target-psnr 30 --out runs/qwen
-  python -m fp8_compile.validate --model flux --size full --device cuda --out runs/flux_full
+  python -m fp8_compile.validate --model flux --size full --device cuda --height 1024 --width 1024 --out runs/flux
+  python -m fp8_compile.validate --pipeline /path/to/diffusers/folder --prompt "a cat" --out runs/pipe
 """
 
 
@@ -37,9 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", default="digits", choices=SUBJECT_NAMES,
                         help="a zoo denoiser (random weights) or 'digits' (our trained model)")
+    parser.add_argument("--pipeline", type=Path, default=None,
+                        help="a diffusers pipeline folder to validate instead of --model (its denoisers are quantized)")
+    parser.add_argument("--prompt", default="a photograph of a red fox in the snow", help="the pipeline's prompt")
     parser.add_argument("--size", default="tiny", choices=["tiny", "full"], help="zoo config size")
+    parser.add_argument("--height", type=int, default=DEFAULT_RESOLUTION.height, help="zoo models and pipelines")
+    parser.add_argument("--width", type=int, default=DEFAULT_RESOLUTION.width, help="zoo models and pipelines")
+    parser.add_argument("--frames", type=int, default=DEFAULT_RESOLUTION.frames, help="video models")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 20 digits, 8 zoo)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: 20 digits, 8 others)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--options", type=_parse_options, default={}, help="omni_fp8 options as JSON")
     parser.add_argument("--ignored-layers", default="", help="comma-separated patterns, added to --options")
@@ -71,6 +85,14 @@ def print_summary(report: ValidationReport, out_dir: Path) -> None:
     print(f"report:        {out_dir / 'report.md'}")
 
 
+def _subject(args: argparse.Namespace) -> Subject:
+    if args.pipeline is not None:
+        return pipeline_subject(args.pipeline, args.prompt, args.steps or 8, args.seed, args.device, args.height,
+                                args.width, args.frames)
+    resolution = Resolution(args.height, args.width, args.frames, DEFAULT_RESOLUTION.text_tokens)
+    return build_subject(args.model, args.size, args.steps, args.seed, args.device, resolution)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -80,9 +102,9 @@ def main(argv: list[str] | None = None) -> None:
         options["ignored_layers"] = [*options.get("ignored_layers", []), *extra]
     try:
         report = validate(
-            args.model, options, size=args.size, steps=args.steps, seed=args.seed, device=args.device,
-            out_dir=args.out, sensitivity=args.sensitivity, target_psnr=args.target_psnr,
-            capture_rows=args.capture_rows, collapse_db=args.collapse_db,
+            _subject(args), options, seed=args.seed, device=args.device, out_dir=args.out,
+            sensitivity=args.sensitivity, target_psnr=args.target_psnr, capture_rows=args.capture_rows,
+            collapse_db=args.collapse_db,
         )
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None

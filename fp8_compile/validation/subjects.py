@@ -32,6 +32,9 @@ from fp8_compile.zoo import DITS, Resolution
 # velocity(model, latent, sigma) -> prediction with the latent's shape, float32
 Velocity = Callable[[nn.Module, torch.Tensor, float], torch.Tensor]
 
+# A small image: 64 image tokens for the FLUX-like models, a few frames for the video ones.
+DEFAULT_RESOLUTION = Resolution(height=128, width=128, frames=5, text_tokens=16)
+
 TINY_RANDOM = "tiny random config"
 FULL_RANDOM = "full-size random weights"
 TRAINED = "our trained model"
@@ -155,7 +158,7 @@ def _zoo_decode(io: LatentIO, resolution: Resolution) -> Callable[[torch.Tensor]
 def zoo_subject(
     name: str,
     size: str = "tiny",
-    resolution: Resolution = Resolution(height=128, width=128, frames=5, text_tokens=16),
+    resolution: Resolution = DEFAULT_RESOLUTION,
     steps: int = 8,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -252,10 +255,18 @@ def pipeline_subject(
 SUBJECT_NAMES = (*sorted(DITS), "digits")
 
 
-def build_subject(name: str, size: str = "tiny", steps: int | None = None, seed: int = 0, device="cpu") -> Subject:
-    """A subject by name: a zoo denoiser or ``"digits"``; ``steps`` None takes each one's default."""
+def build_subject(
+    name: str,
+    size: str = "tiny",
+    steps: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    resolution: Resolution = DEFAULT_RESOLUTION,
+) -> Subject:
+    """A subject by name: a zoo denoiser (of ``size``, at ``resolution``) or ``"digits"`` (one
+    size, 32x32); ``steps`` None takes each one's default."""
     if name == "digits":
         if size != "tiny":
             raise ValueError("the digits model has one size; leave --size out")
         return digits_subject(steps=steps or digits.DEFAULT_STEPS, seed=seed, device=device)
-    return zoo_subject(name, size, steps=steps or 8, seed=seed, device=device)
+    return zoo_subject(name, size, resolution, steps or 8, seed, device)
