@@ -1,6 +1,7 @@
 """The backend's contract: registration, options, conversion once, recompiles, regional compile."""
 
 import copy
+import gc
 import logging
 import re
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 from torch._inductor.utils import run_and_get_code
+from torch._subclasses.fake_tensor import is_fake
 
 import fp8_compile
 from fp8_compile import Decision, ScaledLinear
@@ -78,7 +80,16 @@ def test_compiled_graph_runs_the_fp8_gemm(device):
     assert "fp8_compile.scaled_linear" not in code  # lowered, not called as the eager op
 
 
-def test_recompiles_are_bounded_over_resolutions(tiny_flux):
+def _live_storages() -> dict[int, int]:
+    """Bytes of every real tensor storage alive in the process, by address."""
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and not is_fake(obj) and obj.device.type != "meta":
+            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+    return storages
+
+
+def test_recompiles_are_bounded_over_resolutions_and_share_the_fp8_weights(tiny_flux):
     model, _, _ = tiny_flux
     spec = DITS["flux"]
     compiled = torch.compile(model, backend="omni_fp8")
@@ -86,14 +97,25 @@ def test_recompiles_are_bounded_over_resolutions(tiny_flux):
     with torch.no_grad():
         first = spec.inputs(model, Resolution(*sizes[0]))
         compiled(**first)  # converts the weights
+        layers = [m for m in model.modules() if isinstance(m, ScaledLinear)]
+        addresses = [(m.weight.data_ptr(), m.weight_scale.data_ptr()) for m in layers]
+        gc.collect()
+        before = _live_storages()
         compiled(**first)  # compiles the FP8 graph
         warm = unique_graphs()
         for height, width in sizes[1:]:
             inputs = spec.inputs(model, Resolution(height, width))
             compiled(**inputs)
             compiled(**inputs)
+        del inputs
+        gc.collect()
+        held = sum(nbytes for address, nbytes in _live_storages().items() if address not in before)
     # Dynamo marks the changing dimension dynamic after the first new size: one more graph.
     assert unique_graphs() - warm <= 1
+    # Every compiled graph takes the FP8 weights as inputs: none holds a copy of any weight (FP8
+    # or dequantized), which would be at least as large as the smallest FP8 weight.
+    assert [(m.weight.data_ptr(), m.weight_scale.data_ptr()) for m in layers] == addresses
+    assert held < min(m.weight.nbytes for m in layers)
 
 
 def test_to_dtype_keeps_fp8_weights(tiny_flux):
