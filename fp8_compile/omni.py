@@ -210,7 +210,7 @@ class _StageClock:
             stage.peak_memory_bytes = max(stage.peak_memory_bytes or 0, peak)
 
     def _close_denoising(self) -> None:
-        if "denoising" not in self.stages and self.step_seconds:
+        if "denoising" not in self.stages:
             self._add("denoising", self._now() - self.denoising_start)
 
     def timed(self, name: str, fn: Callable) -> Callable:

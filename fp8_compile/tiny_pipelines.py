@@ -37,7 +37,7 @@ _QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-_TEXT_LENGTH = 77  # CLIP's context; also the text length the tiny pipelines encode by default
+_CLIP_CONTEXT = 77  # CLIP's text length (its tokenizer's model_max_length)
 _WIDTH = 64  # the text width (joint_attention_dim, text_dim, cap_feat_dim) of zoo's tiny denoisers
 
 
@@ -58,7 +58,7 @@ def clip_tokenizer():
     specials = ["<|startoftext|>", "<|endoftext|>"]
     alphabet = _byte_alphabet()
     pieces = specials + alphabet + [c + "</w>" for c in alphabet]
-    return CLIPTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=[], model_max_length=_TEXT_LENGTH)
+    return CLIPTokenizer(vocab={p: i for i, p in enumerate(pieces)}, merges=[], model_max_length=_CLIP_CONTEXT)
 
 
 def t5_tokenizer():
@@ -89,7 +89,7 @@ def clip_text_encoder(tokenizer) -> nn.Module:
     return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=_padded_vocab_size(len(tokenizer)), hidden_size=_WIDTH, intermediate_size=128,
-            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=_TEXT_LENGTH, projection_dim=_WIDTH,
+            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=_CLIP_CONTEXT, projection_dim=_WIDTH,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
     )
@@ -263,7 +263,7 @@ def write_tiny_pipeline(kind: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Build the pipeline of architecture ``kind`` and save it to ``out_dir`` (a diffusers folder)."""
     out = Path(out_dir)
     build_tiny_pipeline(kind, seed).save_pretrained(out)
-    logger.info("wrote a tiny %s pipeline to %s", PIPELINES[kind].pipeline_class, out)
+    logger.info("wrote a tiny %s to %s", PIPELINES[kind].pipeline_class, out)
     return out
 
 
