@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from fp8_compile import digits
+from fp8_compile.caching.loop import CONVENTIONS, prediction
 from fp8_compile.config import Fp8Config
 from fp8_compile.convert import convert_model
 from fp8_compile.flow_matching import StepCallback, euler_sample, sigmas
@@ -71,50 +72,16 @@ class Subject:
         return list(dict.fromkeys(names))
 
 
-@dataclass(frozen=True)
-class LatentIO:
-    """How the sampling loop drives one zoo denoiser.
-
-    ``layout``: "packed" latents are [B, tokens, channels] (FLUX, Qwen-Image: 2x2 patches of the
-    VAE latent, so one token per ``pixels_per_token`` pixels); "channels_first" are
-    [B, C, H, W] or [B, C, F, H, W]; "list" is a list of [C, F, H, W] (Z-Image).
-    ``timestep`` maps the noise level to what the model takes, as its diffusers pipeline does.
-    ``sign`` is -1 for Z-Image, whose pipeline negates the model output.
-    """
-
-    latent_key: str
-    time_key: str
-    layout: str
-    timestep: Callable[[float], float]
-    sign: float = 1.0
-    pixels_per_token: int = 16
-
-    @property
-    def channel_dim(self) -> int:
-        return -1 if self.layout == "packed" else 1
+# Zoo denoisers whose latents are packed tokens [B, tokens, channels]: 2x2 patches of the VAE
+# latent, one token per 16x16 pixels (FLUX, FLUX.2, Qwen-Image). The others take [B, C, H, W],
+# [B, C, F, H, W] or, Z-Image, a list of [C, F, H, W].
+PACKED_PIXELS_PER_TOKEN = 16
+# Z-Image's pipeline negates the model output to get the velocity.
+NEGATED_OUTPUT = frozenset({"z_image"})
 
 
-def _sigma(s: float) -> float:
-    return s
-
-
-def _thousand_sigma(s: float) -> float:
-    return 1000.0 * s
-
-
-def _one_minus_sigma(s: float) -> float:
-    return 1.0 - s
-
-
-ZOO_IO: dict[str, LatentIO] = {
-    "flux": LatentIO("hidden_states", "timestep", "packed", _sigma),  # the model multiplies by 1000
-    "flux2_klein": LatentIO("hidden_states", "timestep", "packed", _sigma),
-    "qwen_image": LatentIO("hidden_states", "timestep", "packed", _sigma),
-    "wan": LatentIO("hidden_states", "timestep", "channels_first", _thousand_sigma),
-    "z_image": LatentIO("x", "t", "list", _one_minus_sigma, sign=-1.0),
-    "hunyuan_video15": LatentIO("hidden_states", "timestep", "channels_first", _thousand_sigma),
-    "glm_image": LatentIO("hidden_states", "timestep", "channels_first", _thousand_sigma),
-}
+def _channel_dim(latent: torch.Tensor) -> int:
+    return -1 if latent.dim() == 3 else 1
 
 
 def fit_channels(prediction: torch.Tensor, latent: torch.Tensor, dim: int) -> torch.Tensor:
@@ -131,24 +98,29 @@ def fit_channels(prediction: torch.Tensor, latent: torch.Tensor, dim: int) -> to
     return prediction
 
 
-def _zoo_velocity(io: LatentIO, inputs: dict[str, Any]) -> Velocity:
+def _zoo_velocity(name: str, inputs: dict[str, Any]) -> Velocity:
+    """The model's velocity at noise level ``sigma``, called as the model's pipeline calls it
+    (latent and timestep keys and timestep scale from the caching loop's conventions)."""
+    conventions, sign = CONVENTIONS[name], -1.0 if name in NEGATED_OUTPUT else 1.0
+    as_list = isinstance(inputs[conventions.latents], list)
+
     def velocity(model: nn.Module, latent: torch.Tensor, sigma: float) -> torch.Tensor:
-        dtype = next(model.parameters()).dtype
-        value = latent.to(dtype)
-        call = dict(inputs)
-        call[io.latent_key] = list(value.unbind(0)) if io.layout == "list" else value
-        call[io.time_key] = torch.full_like(inputs[io.time_key], io.timestep(sigma))
-        out = model(**call)[0]
-        prediction = torch.stack(out) if isinstance(out, list) else out
-        return io.sign * fit_channels(prediction.float(), latent, io.channel_dim)
+        value = latent.to(next(model.parameters()).dtype)
+        timestep = conventions.timestep_of(torch.tensor(1000.0 * sigma)).item()
+        call = {
+            **inputs,
+            conventions.latents: list(value.unbind(0)) if as_list else value,
+            conventions.timestep: torch.full_like(inputs[conventions.timestep], timestep),
+        }
+        return sign * fit_channels(prediction(model(**call)).float(), latent, _channel_dim(latent))
 
     return velocity
 
 
-def _zoo_decode(io: LatentIO, resolution: Resolution) -> Callable[[torch.Tensor], torch.Tensor]:
+def _zoo_decode(resolution: Resolution) -> Callable[[torch.Tensor], torch.Tensor]:
     def decode(latent: torch.Tensor) -> torch.Tensor:
-        if io.layout == "packed":
-            h, w = resolution.height // io.pixels_per_token, resolution.width // io.pixels_per_token
+        if latent.dim() == 3:  # packed tokens
+            h, w = resolution.height // PACKED_PIXELS_PER_TOKEN, resolution.width // PACKED_PIXELS_PER_TOKEN
             return latent.reshape(latent.shape[0], h, w, latent.shape[-1]).permute(0, 3, 1, 2).float()
         return (latent[:, :, 0] if latent.dim() == 5 else latent).float()  # first frame of a video
 
@@ -168,14 +140,14 @@ def zoo_subject(
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(DITS)} or 'digits'")
     if size not in ("tiny", "full"):
         raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
-    spec, io = DITS[name], ZOO_IO[name]
+    spec = DITS[name]
     torch.manual_seed(seed)
     model = spec.build(size, torch.bfloat16, device)
     torch.manual_seed(seed + 1)
     inputs = spec.inputs(model, resolution, torch.bfloat16, device)
-    start = inputs[io.latent_key]
-    noise = (torch.stack(start) if io.layout == "list" else start).float()
-    velocity, decode, levels = _zoo_velocity(io, inputs), _zoo_decode(io, resolution), sigmas(steps)
+    start = inputs[CONVENTIONS[name].latents]
+    noise = (torch.stack(start) if isinstance(start, list) else start).float()
+    velocity, decode, levels = _zoo_velocity(name, inputs), _zoo_decode(resolution), sigmas(steps)
 
     def generate(denoisers: Mapping[str, nn.Module], step_callback: StepCallback) -> torch.Tensor:
         transformer = denoisers["transformer"]
