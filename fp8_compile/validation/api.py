@@ -55,16 +55,17 @@ def validate(
     """Compare FP8 with BF16 on one seeded generation and return (and optionally write) the report.
 
     ``model``: ``"digits"`` (our trained model), a zoo name (``"flux"``, ``"qwen_image"``, ...
-    with ``size`` "tiny" or "full", random weights) or a :class:`Subject` (e.g. from
-    ``pipeline_subject``). ``options`` are omni_fp8's; the FP8 denoisers are converted copies of
+    with ``size`` "tiny" or "full", random weights), both built with ``steps``, ``seed`` and
+    ``device``, or a :class:`Subject` (e.g. from ``zoo_subject`` at another resolution or
+    ``pipeline_subject``), which brings its own. ``options`` are omni_fp8's; the FP8 denoisers are converted copies of
     the BF16 ones, run eagerly, unless ``fp8_model`` gives them (one module, or one per denoiser
     component). ``sensitivity`` quantizes one layer group at a time; ``target_psnr`` (dB against
     BF16) also searches the smallest ``ignored_layers`` list that meets it. ``capture_rows``
     bounds the tokens kept per layer. ``out_dir`` receives report.json, report.md,
     layers_sqnr.png and images.png.
     """
+    config = Fp8Config.from_options(options)  # bad options fail before any model is built
     subject = model if isinstance(model, Subject) else build_subject(model, size, steps, seed, device)
-    config = Fp8Config.from_options(options)
     fp8 = _fp8_denoisers(subject, config, fp8_model)
 
     logger.info("validate %s: BF16 run", subject.name)
@@ -79,8 +80,8 @@ def validate(
         options=non_default_options(config),
         quantization=_summary(fp8),
         steps=subject.steps,
-        seed=seed,
-        device=str(device),
+        seed=subject.seed,
+        device=subject.device,
         collapse_db=collapse_db,
         image=image_quality(reference.images, test.images, subject.image_range),
         denoising=step_errors(reference, test),

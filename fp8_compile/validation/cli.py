@@ -8,8 +8,9 @@ import logging
 import math
 from pathlib import Path
 
+from fp8_compile.config import Fp8Config
 from fp8_compile.validation.api import DEFAULT_COLLAPSE_DB, validate
-from fp8_compile.validation.report import ValidationReport
+from fp8_compile.validation.report import REPORT_MD, ValidationReport
 from fp8_compile.validation.subjects import (
     DEFAULT_RESOLUTION,
     SUBJECT_NAMES,
@@ -33,9 +34,9 @@ def _parse_options(text: str) -> dict:
     try:
         options = json.loads(text)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"--options must be a JSON object such as '{{\"granularity\": \"per_tensor\"}}': {e}")
+        raise argparse.ArgumentTypeError(f"not JSON ({e}); write e.g. '{{\"granularity\": \"per_tensor\"}}'") from None
     if not isinstance(options, dict):
-        raise SystemExit(f"--options must be a JSON object, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
     return options
 
 
@@ -82,7 +83,7 @@ def print_summary(report: ValidationReport, out_dir: Path) -> None:
         print(f"target PSNR {s.target_psnr_db:g} dB {'met' if s.met else 'NOT met'}: PSNR {s.psnr_db:.2f} dB "
               f"with ignored_layers={s.ignored_layers}")
         print(f"options line:  {report.options_line}")
-    print(f"report:        {out_dir / 'report.md'}")
+    print(f"report:        {out_dir / REPORT_MD}")
 
 
 def _subject(args: argparse.Namespace) -> Subject:
@@ -101,10 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     if extra:
         options["ignored_layers"] = [*options.get("ignored_layers", []), *extra]
     try:
+        config = Fp8Config.from_options(options)  # bad options fail before any model is built
         report = validate(
-            _subject(args), options, seed=args.seed, device=args.device, out_dir=args.out,
-            sensitivity=args.sensitivity, target_psnr=args.target_psnr, capture_rows=args.capture_rows,
-            collapse_db=args.collapse_db,
+            _subject(args), config, out_dir=args.out, sensitivity=args.sensitivity, target_psnr=args.target_psnr,
+            capture_rows=args.capture_rows, collapse_db=args.collapse_db,
         )
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None

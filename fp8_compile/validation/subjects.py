@@ -55,6 +55,8 @@ class Subject:
     generate: Generate  # calls step_callback(step, latent) after every denoising step
     steps: int
     image_range: float | None  # the images' fixed value range, or None: use the BF16 images' range
+    seed: int
+    device: str
 
     def fp8_copies(self, config: Fp8Config, only: set[str] | None = None) -> dict[str, nn.Module]:
         """Copies of the denoisers converted with ``config`` (each keeps its report); with
@@ -153,7 +155,8 @@ def zoo_subject(
         transformer = denoisers["transformer"]
         return decode(euler_sample(lambda x, sigma: velocity(transformer, x, sigma), noise, levels, step_callback))
 
-    return Subject(name, TINY_RANDOM if size == "tiny" else FULL_RANDOM, {"transformer": model}, generate, steps, None)
+    validated_on = TINY_RANDOM if size == "tiny" else FULL_RANDOM
+    return Subject(name, validated_on, {"transformer": model}, generate, steps, None, seed, str(device))
 
 
 def digits_subject(
@@ -169,7 +172,7 @@ def digits_subject(
     def generate(denoisers: Mapping[str, nn.Module], step_callback: StepCallback) -> torch.Tensor:
         return digits.sample_digits(denoisers["transformer"], classes, steps, guidance, seed, step_callback)
 
-    return Subject("digits", TRAINED, {"transformer": model}, generate, steps, 1.0)
+    return Subject("digits", TRAINED, {"transformer": model}, generate, steps, 1.0, seed, str(device))
 
 
 _DENOISER_COMPONENTS = ("transformer", "transformer_2")  # Wan2.2 A14B has two experts
@@ -221,7 +224,7 @@ def pipeline_subject(
                 setattr(pipe, name, model)
         return _first_frame(images)
 
-    return Subject(type(pipe).__name__, f"pipeline folder {folder}", denoisers, generate, steps, 1.0)
+    return Subject(type(pipe).__name__, f"pipeline folder {folder}", denoisers, generate, steps, 1.0, seed, str(device))
 
 
 SUBJECT_NAMES = (*sorted(DITS), "digits")
