@@ -123,7 +123,8 @@ def component_configs(
     default options. Raises ValueError naming the method, component or option at fault.
     """
     if quantization is not None and quantization not in METHODS:
-        raise ValueError(f"unknown quantization method {quantization!r}{_suggest(str(quantization), METHODS)}; supported: {list(METHODS)}")
+        hint = _suggest(str(quantization), METHODS)
+        raise ValueError(f"unknown quantization method {quantization!r}{hint}; supported: {list(METHODS)}")
     if quantization_config is None:
         if quantization is None:
             return {}
@@ -133,12 +134,19 @@ def component_configs(
     components = model_components(index)
     if all(key in _OPTION_NAMES for key in quantization_config):
         denoisers = [name for name in DENOISERS if name in components]
+        if not denoisers:
+            raise ValueError(
+                f"{index.get('_class_name')} has no denoiser named {' or '.join(DENOISERS)}; name the components "
+                f"to convert: quantization_config={{<component>: {{...}}}} with a component among {components}"
+            )
         per_component = {name: quantization_config for name in denoisers}
     else:
         per_component = dict(quantization_config)
     configs = {}
     for name, options in per_component.items():
         _check_component(name, components, index)
+        if options is not None and not isinstance(options, Mapping):
+            raise ValueError(f"quantization_config[{name!r}] must be a dict of omni_fp8 options, got {options!r}")
         options = dict(options or {})
         if quantization is not None:
             options.setdefault("method", quantization)
