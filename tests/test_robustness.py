@@ -70,14 +70,19 @@ def test_non_finite_activation_gives_nan_and_zeros_give_zeros_through_the_backen
     assert report.by_decision(Decision.WEIGHT_ONLY)[0].name == "norm1.linear"
     compiled = torch.compile(model, backend="omni_fp8")
     with torch.no_grad():
-        assert torch.isfinite(compiled(x, emb)).all()
+        clean = compiled(x, emb)
+        assert torch.isfinite(clean).all()
         for bad in (float("nan"), float("inf"), -float("inf")):
             poisoned = x.clone()
             poisoned[1, 3, 5] = bad  # one value of one token
             out = compiled(poisoned, emb)
             if granularity == "per_row":
-                # the token's own scale is NaN/Inf: its row is NaN, every other token is untouched
-                assert out[1, 3].isnan().all() and torch.equal(out[0], compiled(x, emb)[0])
+                # the token's own scale is NaN/Inf: its row is NaN, the other tokens keep their
+                # values (up to one bf16 rounding, should the GPU GEMM not be bitwise repeatable)
+                others = torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
+                others[1, 3] = False
+                assert out[1, 3].isnan().all() and torch.isfinite(out[others]).all()
+                assert rel_error(out[others], clean[others]) < 2**-8
             else:
                 assert out.isnan().all()  # one scale for the whole activation
             poisoned_emb = emb.clone()
