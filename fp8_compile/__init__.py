@@ -13,9 +13,18 @@ from fp8_compile.convert import quantize_
 from fp8_compile.modules import ScaledLinear
 from fp8_compile.omni import Omni, OmniDiffusionSamplingParams
 from fp8_compile.report import Decision, LayerReport, QuantizationReport, quantization_report
-from fp8_compile.validation import validate
 
 logging.getLogger("fp8_compile").addHandler(logging.NullHandler())
+
+
+def __getattr__(name: str):
+    # fp8_compile.validate(...) is imported on first use: the validation tools load diffusers'
+    # schedulers and hooks, seconds that the backend (which imports this package) never needs.
+    if name == "validate":
+        from fp8_compile.validation import validate
+
+        return validate
+    raise AttributeError(f"module 'fp8_compile' has no attribute {name!r}")
 
 __all__ = [
     "DEFAULT_CONDITIONING_LAYERS",
