@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+import fp8_compile
 from fp8_compile import Fp8Config
 from fp8_compile.validation import validate, zoo_subject
 from fp8_compile.validation.cli import main as validate_main
@@ -99,7 +100,7 @@ def test_trained_digits_model_fp8_close_to_bf16(tmp_path):
     """Our trained model: the FP8 digits match the BF16 ones. Pixels are in [0, 1]; 20 steps of
     FP8 error (about 2-3% per step in the latent) leave the final images at a PSNR well above
     the 30 dB that public FP8 DiT work treats as good, and SSIM near 1."""
-    report = validate("digits", out_dir=tmp_path)
+    report = fp8_compile.validate("digits", out_dir=tmp_path)  # the package-level API
     assert report.validated_on == "our trained model"
     assert report.image.psnr_db > 30.0
     assert report.image.ssim > 0.95
