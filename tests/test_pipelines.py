@@ -236,6 +236,21 @@ def test_cache_backend_not_available_yet(pipeline_dir, monkeypatch):
         Omni(pipeline_dir("flux"), quantization="fp8", cache_backend="tea_cache", cache_config={"rel_l1_thresh": 0.2})
 
 
+def test_tea_cache_skips_steps_of_the_fp8_transformer(pipeline_dir):
+    from fp8_compile.caching import teacache_pattern
+
+    omni = Omni(pipeline_dir("flux"), quantization="fp8", cache_backend="tea_cache",
+                cache_config={"rel_l1_thresh": 0.4}, enforce_eager=True)
+    params = sampling_params("flux")
+    params.num_inference_steps = 6
+    output = omni.generate(text_to_image.DEFAULT_PROMPT, params)[0]
+    (pattern,) = teacache_pattern(omni.pipeline.transformer).values()
+    # TeaCache computes the first and last steps and skips some in between
+    assert len(pattern) == 6 and pattern[0] == pattern[-1] == "C" and "-" in pattern, pattern
+    assert any(isinstance(m, ScaledLinear) for m in omni.pipeline.transformer.modules())
+    assert len(output.images) == 1
+
+
 def test_cache_backend_is_handed_to_apply_cache(pipeline_dir, monkeypatch):
     calls = []
     fake = types.ModuleType("fake_caching")
