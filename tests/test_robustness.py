@@ -143,7 +143,10 @@ def test_models_compiled_with_different_options_keep_their_own(passes_only):
         expected = [first_output(m(**inputs)) for m, inputs in models]
     assert passes_only == [Fp8Config.from_options(o) for o in options]
     for out, reference in zip(outs, expected):
-        assert rel_error(out, reference) < 0.05  # passes-only graph vs the eager FP8 model
+        # Each compiled model computes its own FP8 model (the two Wan models differ by ~150%).
+        # Not bit for bit: the fused GELU + quantization skips the BF16 rounding of the GELU,
+        # which moves some e4m3 roundings (2% on the per-row Wan, 0 on the others).
+        assert rel_error(out, reference) < 0.05
 
     def converted(model):
         return {n: m for n, m in model.named_modules() if isinstance(m, ScaledLinear)}
