@@ -199,6 +199,7 @@ def pipeline_subject(
     if not (Path(folder) / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
     pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16).to(device)
+    pipe.set_progress_bar_config(disable=True)  # sensitivity runs it dozens of times
     denoisers = {name: getattr(pipe, name) for name in _DENOISER_COMPONENTS if getattr(pipe, name, None) is not None}
     if not denoisers:
         raise ValueError(f"the pipeline in {folder} ({type(pipe).__name__}) has no 'transformer' component")

@@ -44,8 +44,11 @@ def layer_prefix(component: str, denoisers: Mapping[str, nn.Module]) -> str:
 @torch.no_grad()
 def run_trajectory(denoisers: Mapping[str, nn.Module], subject: Subject, capture_rows: int | None = None) -> Trajectory:
     """Generate once with ``denoisers``. With ``capture_rows``, every linear layer's input and
-    output are recorded during the first denoising step, where the BF16 and FP8 runs still see
-    identical inputs (all denoiser calls of that step: both CFG branches where there are two)."""
+    output are recorded during each denoiser's first denoising step: for the first denoiser the
+    first step of the generation, where the BF16 and FP8 runs still see identical inputs (all its
+    calls of that step: both CFG branches where there are two); for a denoiser that takes over
+    later (Wan2.2's low-noise expert) its first step, whose inputs already carry the FP8 error of
+    the steps before."""
     latents: list[torch.Tensor] = []
     recorders = {name: LayerRecorder(model, capture_rows) for name, model in denoisers.items()} if capture_rows else {}
     for recorder in recorders.values():
@@ -54,7 +57,8 @@ def run_trajectory(denoisers: Mapping[str, nn.Module], subject: Subject, capture
     def on_step(step: int, latent: torch.Tensor) -> None:
         latents.append(latent.float().cpu())
         for recorder in recorders.values():
-            recorder.stop()
+            if recorder.calls:  # its denoiser ran in this step
+                recorder.stop()
 
     try:
         images = subject.generate(denoisers, on_step)
