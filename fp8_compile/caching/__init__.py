@@ -7,7 +7,15 @@
 See docs/caching.md.
 """
 
-from fp8_compile.caching.api import TEA_CACHE, apply_cache, cache_backends, reset_cache
+from fp8_compile.caching.api import TEA_CACHE, apply_cache, cache_backends, parse_cache_config, reset_cache
 from fp8_compile.caching.teacache import TeaCacheConfig, teacache_pattern
 
-__all__ = ["TEA_CACHE", "TeaCacheConfig", "apply_cache", "cache_backends", "reset_cache", "teacache_pattern"]
+__all__ = [
+    "TEA_CACHE",
+    "TeaCacheConfig",
+    "apply_cache",
+    "cache_backends",
+    "parse_cache_config",
+    "reset_cache",
+    "teacache_pattern",
+]

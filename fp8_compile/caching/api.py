@@ -28,10 +28,11 @@ DENOISER_COMPONENTS = ("transformer", "transformer_2")  # Wan2.2 A14B has two ex
 # Combinations that fail inside diffusers (<= 0.42.1, the version tested) at the first denoiser
 # call; refused when the cache is applied instead.
 LAST_BROKEN_DIFFUSERS = Version("0.42.1")
+_READS_HIDDEN_STATES = "its hooks read a 'hidden_states' argument, which Z-Image's blocks call 'x'"
 BROKEN_IN_DIFFUSERS: dict[tuple[str, str], str] = {
-    ("first_block_cache", "ZImageTransformer2DModel"): "its hooks read a 'hidden_states' argument, which Z-Image's blocks call 'x'",
-    ("mag_cache", "ZImageTransformer2DModel"): "its hooks read a 'hidden_states' argument, which Z-Image's blocks call 'x'",
-    ("first_block_cache", "Flux2Transformer2DModel"): "its last-block hook fails on the single blocks' joint text + image output",
+    ("first_block_cache", "ZImageTransformer2DModel"): _READS_HIDDEN_STATES,
+    ("mag_cache", "ZImageTransformer2DModel"): _READS_HIDDEN_STATES,
+    ("first_block_cache", "Flux2Transformer2DModel"): "its last-block hook fails on the single blocks' joint output",
 }
 
 
@@ -41,7 +42,9 @@ def cache_backends() -> list[str]:
     return sorted([TEA_CACHE, *available])
 
 
-def apply_cache(pipeline_or_denoiser: Any, cache_backend: str, cache_config: Mapping[str, Any] | None = None) -> list[nn.Module]:
+def apply_cache(
+    pipeline_or_denoiser: Any, cache_backend: str, cache_config: Mapping[str, Any] | None = None
+) -> list[nn.Module]:
     """Apply a step cache to a diffusers pipeline's denoiser(s) or to one denoiser; returns them.
 
         apply_cache(pipe, "tea_cache", {"rel_l1_thresh": 0.2})
@@ -51,23 +54,33 @@ def apply_cache(pipeline_or_denoiser: Any, cache_backend: str, cache_config: Map
     touched: an unknown backend, a bad or unknown ``cache_config`` key or a denoiser the backend
     does not support raises a ValueError naming the choices.
     """
-    backends = cache_backends()
-    if not isinstance(cache_backend, str) or cache_backend not in backends:
-        raise ValueError(f"unknown cache_backend {cache_backend!r}; choose one of: {', '.join(backends)}")
+    config = parse_cache_config(cache_backend, cache_config)
     denoisers, scheduler = _denoisers_of(pipeline_or_denoiser)
     if cache_backend == TEA_CACHE:
-        config = TeaCacheConfig.from_options(cache_config)
         for denoiser in denoisers:
             teacache_model_of(denoiser)
         for denoiser in denoisers:
             apply_teacache(denoiser, config, scheduler)
     else:
-        config = _diffusers_config(cache_backend, cache_config)
         for denoiser in denoisers:
             _refuse_known_failure(denoiser, cache_backend)
         for denoiser in denoisers:
             _apply_diffusers_cache(denoiser, cache_backend, config)
     return denoisers
+
+
+def parse_cache_config(cache_backend: str, cache_config: Mapping[str, Any] | None) -> Any:
+    """The validated config of ``cache_backend``: a TeaCacheConfig or diffusers' config object.
+
+    Needs no model, so user input can be checked before one is loaded; raises a ValueError
+    naming the valid backends or keys.
+    """
+    backends = cache_backends()
+    if not isinstance(cache_backend, str) or cache_backend not in backends:
+        raise ValueError(f"unknown cache_backend {cache_backend!r}; choose one of: {', '.join(backends)}")
+    if cache_backend == TEA_CACHE:
+        return TeaCacheConfig.from_options(cache_config)
+    return _diffusers_config(cache_backend, cache_config)
 
 
 def reset_cache(pipeline_or_denoiser: Any) -> None:
@@ -82,7 +95,8 @@ def _denoisers_of(obj: Any) -> tuple[list[nn.Module], Any]:
         return [getattr(obj, "_orig_mod", obj)], None
     if not hasattr(obj, "components"):
         raise TypeError(f"apply_cache takes a diffusers pipeline or a denoiser nn.Module, got {type(obj).__name__}")
-    denoisers = [getattr(c, "_orig_mod", c) for name in DENOISER_COMPONENTS if (c := getattr(obj, name, None)) is not None]
+    components = [getattr(obj, name, None) for name in DENOISER_COMPONENTS]
+    denoisers = [getattr(c, "_orig_mod", c) for c in components if c is not None]
     if not denoisers:
         raise ValueError(
             f"{type(obj).__name__} has no denoiser component ({' or '.join(DENOISER_COMPONENTS)}) to cache"

@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 from fp8_compile.caching.loop import generate, prediction
 from fp8_compile.caching.teacache import TeaCacheConfig, TeaCacheState, apply_teacache, relative_l1
 
-
 RECORDER_HOOK = "fp8_compile_teacache_recorder"
 # The recorder computes every step; an identity polynomial keeps apply_teacache from warning
 # about coefficients that are not used.
@@ -102,7 +101,8 @@ def _record_zoo(args: argparse.Namespace) -> tuple[str, TeaCacheRecorder]:
     with torch.no_grad():
         for index in tqdm(range(args.generations), desc="fit: generations", unit="generation", disable=None):
             torch.manual_seed(args.seed + index)
-            generate(model, args.zoo, spec.inputs(model, resolution, getattr(torch, args.dtype), args.device), args.steps)
+            inputs = spec.inputs(model, resolution, getattr(torch, args.dtype), args.device)
+            generate(model, args.zoo, inputs, args.steps)
     return type(model).__name__, recorder
 
 
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     source.add_argument("--pipeline", help="a local diffusers pipeline folder (DiffusionPipeline.from_pretrained)")
     source.add_argument("--zoo", choices=sorted(DITS), help="a random-weight zoo denoiser (to try the command)")
     parser.add_argument("--prompt", action="append", help="a prompt per generation (--pipeline; repeat it)")
-    parser.add_argument("--component", default="transformer", help="the pipeline's denoiser (Wan2.2: transformer_2 too)")
+    parser.add_argument("--component", default="transformer", help="the denoiser component (or transformer_2)")
     parser.add_argument("--generations", type=int, default=3, help="generations to record (--zoo)")
     parser.add_argument("--size", choices=["tiny", "full"], default="tiny", help="zoo model size (--zoo)")
     parser.add_argument("--height", type=int, default=128)
@@ -132,13 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     coefficients = fit_coefficients(recorder.samples, args.degree)
     x, y = np.asarray(recorder.samples).T
     rms = float(np.sqrt(np.mean((np.polyval(coefficients, x) - y) ** 2)))
-    print(f"{model_name}: {len(recorder.samples)} samples, fit RMS error {rms:.4g} (output changes {y.min():.4g} .. {y.max():.4g})")
+    print(f"{model_name}: {len(recorder.samples)} samples, fit RMS error {rms:.4g} "
+          f"(output changes {y.min():.4g} .. {y.max():.4g})")
     print(f"coefficients = {list(coefficients)}")
     print(f'cache_config = {{"rel_l1_thresh": 0.2, "coefficients": {list(coefficients)}}}')
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"model": model_name, "degree": args.degree, "coefficients": coefficients, "rms": rms,
-                       "samples": recorder.samples}, f, indent=1)
+            fit = {"model": model_name, "degree": args.degree, "coefficients": coefficients, "rms": rms}
+            json.dump({**fit, "samples": recorder.samples}, f, indent=1)
     return 0
 
 

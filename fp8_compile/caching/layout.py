@@ -47,11 +47,12 @@ def layouts_of(tensors: Sequence[torch.Tensor]) -> tuple[Layout, ...]:
 def with_layouts(tensors: Sequence[torch.Tensor], layouts: Sequence[Layout]) -> tuple[torch.Tensor, ...]:
     """``tensors`` laid out as ``layouts`` say: themselves where they already are, else copies."""
     tensors = tuple(tensors)
-    if layouts_of(tensors) == tuple(layouts) or any(t.shape != layout.shape for t, layout in zip(tensors, layouts)):
+    shapes_differ = any(t.shape != layout.shape for t, layout in zip(tensors, layouts, strict=True))
+    if shapes_differ or layouts_of(tensors) == tuple(layouts):
         return tensors
     bases: dict[int, torch.Tensor] = {}
     rebuilt = []
-    for tensor, layout in zip(tensors, layouts):
+    for tensor, layout in zip(tensors, layouts, strict=True):
         if layout.base is None:
             target = torch.empty_strided(layout.shape, layout.stride, dtype=tensor.dtype, device=tensor.device)
         else:

@@ -69,7 +69,9 @@ def _call_context(model: nn.Module, branch: str, step: int, steps: int, style: C
     return model.cache_context(branch, **kwargs)
 
 
-def _euler_step(scheduler: FlowMatchEulerDiscreteScheduler, velocity: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+def _euler_step(
+    scheduler: FlowMatchEulerDiscreteScheduler, velocity: torch.Tensor, t: torch.Tensor, latents: torch.Tensor
+) -> torch.Tensor:
     if velocity.shape == latents.shape:
         return scheduler.step(velocity, t, latents).prev_sample
     # Input channels beyond the predicted ones are conditioning, kept as they are (HunyuanVideo-1.5's

@@ -63,7 +63,9 @@ QWEN_IMAGE = Coefficients(
     True,
 )
 # No fit was published for these; the closest published polynomial stands in, with a warning.
-FLUX1_AS_DEFAULT = replace(FLUX1, source="FLUX.1-dev polynomial as a default (none published for this model)", published=False)
+FLUX1_AS_DEFAULT = replace(
+    FLUX1, source="FLUX.1-dev polynomial as a default (none published for this model)", published=False
+)
 HUNYUAN_VIDEO_FOR_15 = replace(
     HUNYUAN_VIDEO, source="HunyuanVideo (1.0) polynomial (none published for HunyuanVideo-1.5)", published=False
 )

@@ -12,8 +12,9 @@ of a generation are always computed.
 How it is wired: diffusers' hooks (``HookRegistry``), no forward is patched. Each block of the
 stack gets a :class:`TeaCacheBlockHook` whose ``new_forward`` is excluded from compilation
 (``torch.compiler.disable(recursive=False)``): the skip decision and the bookkeeping run as
-plain Python, while the block's own ``forward`` called from there is compiled as usual, as one
-graph per block class whether the model was compiled whole or regionally. A skipped block
+plain Python, while the block's own ``forward`` called from there is compiled as usual (one
+graph per block class and input layout), whether the model was compiled whole or regionally;
+``fullgraph=True`` is therefore not possible with a cache. A skipped block
 returns its inputs laid out (sizes and strides) exactly like its computed outputs, so compiled
 code downstream sees the same tensors either way and is never recompiled because of a skip.
 The denoiser itself gets a :class:`TeaCacheModelHook` that holds the state, receives diffusers'
@@ -43,6 +44,7 @@ logger = logging.getLogger("fp8_compile")
 MODEL_HOOK = "fp8_compile_teacache"
 BLOCK_HOOK = "fp8_compile_teacache_block"
 DEFAULT_BRANCH = "default"
+
 
 @dataclass(frozen=True)
 class TeaCacheConfig:
@@ -121,13 +123,17 @@ class Call:
 class TeaCacheState:
     """The decisions and caches of one denoiser, shared by its hooks."""
 
-    def __init__(self, model_name: str, config: TeaCacheConfig, coefficients: tuple[float, ...], warmup_steps: int, scheduler: Any = None):
+    def __init__(
+        self, model_name: str, config: TeaCacheConfig, coefficients: tuple[float, ...], warmup_steps: int,
+        scheduler: Any,
+    ):
         self.model_name = model_name
         self.config = config
         self.coefficients = coefficients
         self.warmup_steps = warmup_steps
         self.scheduler = scheduler  # a pipeline's scheduler tells the step and the number of steps
-        self.context = StateManager(Branch)  # receives diffusers' cache_context(...); only read here
+        # diffusers' per-context state container: it receives cache_context(...); only its context is read.
+        self.context = StateManager(Branch)
         self.branches: dict[str, Branch] = {}
         self.patterns: dict[str, list[bool]] = {}  # per branch, the last generation: True = computed
         self.calls_without_context = 0
@@ -144,6 +150,7 @@ class TeaCacheState:
         self.branch, self.skipping = None, False
 
     def locate(self) -> Call:
+        """This call's branch and step (counts a call made outside any cache context)."""
         context = self.context._context  # set by diffusers' cache_context(...), None outside it
         if context is not None:
             step = getattr(context, "step_index", None)
@@ -350,4 +357,5 @@ def teacache_state(model: nn.Module) -> TeaCacheState:
 
 def teacache_pattern(model: nn.Module) -> dict[str, str]:
     """Per CFG branch, the last generation's steps so far: ``C`` computed, ``-`` skipped."""
-    return {branch: "".join("C" if c else "-" for c in steps) for branch, steps in teacache_state(model).patterns.items()}
+    patterns = teacache_state(model).patterns
+    return {branch: "".join("C" if computed else "-" for computed in steps) for branch, steps in patterns.items()}
