@@ -1,6 +1,7 @@
 """Step caches with omni_fp8: time per generation of a FLUX.1-dev-shape transformer (random weights).
 
-    python benchmarks/bench_cache.py --out $OUT/cache.json
+    source benchmarks/device_setup.sh       # the project wheel in .whl must include fp8_compile.caching
+    python3 benchmarks/bench_cache.py --out $OUT/cache.json
 
 Rows, all in one process on the same model (seed 0) and the same starting noise (seed 1):
 
@@ -156,6 +157,18 @@ def environment(args: argparse.Namespace) -> dict:
     return env
 
 
+def compare(rows: list[dict], final_latents: dict[str, torch.Tensor]) -> None:
+    """Fill in each row's speedups and its final latents' distance from the rows measured so far."""
+    by_name = {r["name"]: r for r in rows}
+    for r in rows:
+        for baseline, key in (("bf16", "speedup_vs_bf16"), ("omni_fp8", "speedup_vs_omni_fp8")):
+            if baseline in by_name:
+                r[key] = by_name[baseline]["ms_per_generation"] / r["ms_per_generation"]
+        if "omni_fp8" in final_latents and r["name"] in final_latents:
+            reference = final_latents["omni_fp8"]
+            r["latents_vs_omni_fp8"] = ((final_latents[r["name"]] - reference).norm() / reference.norm()).item()
+
+
 def print_table(rows: list[dict]) -> None:
     columns = ["row", "ms / generation", "vs BF16", "vs omni_fp8", "steps computed", "pattern", "warm-up s",
                "graphs after warm-up", "latents vs omni_fp8"]
@@ -172,7 +185,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--compile", choices=["regional", "whole"], default="regional")
     parser.add_argument("--fbc-threshold", type=float, default=0.08,
                         help="FirstBlockCacheConfig threshold (0.08: ParaAttention's FLUX default, diffusers docs)")
@@ -191,17 +204,10 @@ def main() -> int:
             result = Row(row, note=f"failed: {type(e).__name__}: {str(e)[:300]}")
         results["rows"].append(asdict(result))
         print(json.dumps(asdict(result)), flush=True)
-    by_name = {r["name"]: r for r in results["rows"]}
-    for r in results["rows"]:
-        for baseline, key in (("bf16", "speedup_vs_bf16"), ("omni_fp8", "speedup_vs_omni_fp8")):
-            if baseline in by_name:
-                r[key] = by_name[baseline]["ms_per_generation"] / r["ms_per_generation"]
-        if "omni_fp8" in final_latents and r["name"] in final_latents:
-            reference = final_latents["omni_fp8"]
-            r["latents_vs_omni_fp8"] = ((final_latents[r["name"]] - reference).norm() / reference.norm()).item()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        compare(results["rows"], final_latents)
+        if args.out:  # after every row, so that a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
     print_table(results["rows"])
     return 0
 
