@@ -14,7 +14,7 @@ from diffusers.models.cache_utils import CacheMixin
 from packaging.version import Version
 
 from fp8_compile.caching.specs import TEACACHE_MODELS, teacache_model_of
-from fp8_compile.caching.teacache import TeaCacheConfig, apply_teacache, non_negative_number
+from fp8_compile.caching.teacache import TeaCacheConfig, apply_teacache, non_negative_number, refuse_second_cache
 
 TEA_CACHE = "tea_cache"
 # cache_backend -> (diffusers config class, the function applying it to a model that is not a CacheMixin)
@@ -56,6 +56,8 @@ def apply_cache(
     """
     config = parse_cache_config(cache_backend, cache_config)
     denoisers, scheduler = _denoisers_of(pipeline_or_denoiser)
+    for denoiser in denoisers:
+        refuse_second_cache(denoiser)
     if cache_backend == TEA_CACHE:
         for denoiser in denoisers:
             teacache_model_of(denoiser)

@@ -310,9 +310,8 @@ def apply_teacache(model: nn.Module, config: TeaCacheConfig, scheduler: Any = No
     """
     model = getattr(model, "_orig_mod", model)  # hooks go on the module that torch.compile wraps
     spec = teacache_model_of(model)
+    refuse_second_cache(model)
     registry = HookRegistry.check_if_exists_or_initialize(model)
-    if registry.get_hook(MODEL_HOOK) is not None or getattr(model, "is_cache_enabled", False):
-        raise ValueError(f"{type(model).__name__} already has a cache; apply one cache per denoiser")
     blocks = spec.blocks(model)
     if not blocks:
         raise ValueError(f"TeaCache: {type(model).__name__} has no blocks in {', '.join(spec.stacks)}")
@@ -331,6 +330,13 @@ def apply_teacache(model: nn.Module, config: TeaCacheConfig, scheduler: Any = No
         "cache_config" if config.coefficients else spec.coefficients(model).source,
     )
     return state
+
+
+def refuse_second_cache(model: nn.Module) -> None:
+    """Raise if ``model`` already has TeaCache or one of diffusers' caches: their hooks do not stack."""
+    registry = getattr(model, "_diffusers_hook", None)
+    if getattr(model, "is_cache_enabled", False) or (registry is not None and registry.get_hook(MODEL_HOOK)):
+        raise ValueError(f"{type(model).__name__} already has a cache; apply one cache per denoiser")
 
 
 def _coefficients_for(model: nn.Module, spec: TeaCacheModel, config: TeaCacheConfig) -> tuple[float, ...]:
