@@ -154,7 +154,7 @@ def measure(setup: Setup, args: argparse.Namespace, device: torch.device) -> tup
         result.graph_breaks = sum(counters["graph_break"].values())
         result.weight_gb = weight_gb(model)
         result.peak_gb = torch.cuda.max_memory_allocated() / 1e9
-        out = first_output(model(**inputs)).float().cpu()
+        out = first_output(model(**inputs)).cpu()
     if setup.gpus > 1:
         result.ms, result.compile_s, result.peak_gb = (slowest(v) for v in (result.ms, result.compile_s, result.peak_gb))
     del model, inputs

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import fp8_compile
 import fp8_compile.inductor
-from fp8_compile.zoo import DITS, Resolution
+from fp8_compile.zoo import DITS, Resolution, first_output
 
 RESOLUTIONS = {
     "flux": Resolution(1024, 1024, text_tokens=512),
@@ -50,11 +50,6 @@ class Row:
     rel_err: float = float("nan")
     note: str = ""
     extra: dict = field(default_factory=dict)
-
-
-def first_output(out) -> torch.Tensor:
-    out = out[0] if isinstance(out, (tuple, list)) else out.sample
-    return out[0] if isinstance(out, list) else out
 
 
 def weight_gb(model: nn.Module) -> float:
@@ -156,7 +151,7 @@ def run_row(row: str, spec, res: Resolution, reference: torch.Tensor | None, arg
         torch.cuda.reset_peak_memory_stats()
         result.ms = cuda_time_ms(lambda: runner(**inputs), args.warmup, args.iters)
         result.peak_gb = torch.cuda.max_memory_allocated() / 1e9
-        out = first_output(runner(**inputs)).float()
+        out = first_output(runner(**inputs))
         if reference is not None:
             result.rel_err = ((out - reference).norm() / reference.norm()).item()
         if args.profile and row in args.profile:

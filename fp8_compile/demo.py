@@ -18,12 +18,7 @@ import time
 import torch
 
 from fp8_compile.report import quantization_report
-from fp8_compile.zoo import DITS, Resolution
-
-
-def _first_output(out) -> torch.Tensor:
-    out = out[0]
-    return (out[0] if isinstance(out, list) else out).float()
+from fp8_compile.zoo import DITS, Resolution, first_output
 
 
 def _weight_bytes(model: torch.nn.Module) -> int:
@@ -71,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     }
 
     with torch.no_grad():
-        reference = _first_output(model(**inputs))
+        reference = first_output(model(**inputs))
         bf16_bytes = _weight_bytes(model)
         bf16_time = _time_forward(model, inputs, device, args.repeats)
 
@@ -81,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(2):  # the first call converts the weights, the second compiles the FP8 graph
             compiled(**inputs)
         compile_seconds = time.perf_counter() - start
-        output = _first_output(compiled(**inputs))
+        output = first_output(compiled(**inputs))
         fp8_time = _time_forward(compiled, inputs, device, args.repeats)
 
     report = quantization_report(fp8_model)

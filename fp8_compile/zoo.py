@@ -48,6 +48,13 @@ class DiTSpec:
         return self.make_inputs(model, resolution, dtype, torch.device(device))
 
 
+def first_output(out) -> torch.Tensor:
+    """The denoised sample of a DiT forward, in float32, however the class returns it
+    (a tuple or an output object; Z-Image returns one tensor per sample in a list)."""
+    out = out[0] if isinstance(out, (tuple, list)) else out.sample
+    return (out[0] if isinstance(out, list) else out).float()
+
+
 def _latent_hw(model: nn.Module, res: Resolution, scale: int = 8) -> tuple[int, int]:
     return res.height // scale, res.width // scale
 

@@ -5,7 +5,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from fp8_compile.zoo import DITS, Resolution
+from fp8_compile.zoo import DITS, Resolution, first_output  # noqa: F401  (re-exported for the tests)
 
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -21,11 +21,6 @@ def fresh_dynamo():
     counters.clear()
     yield
     torch._dynamo.reset()
-
-
-def first_output(out) -> torch.Tensor:
-    out = out[0] if isinstance(out, (tuple, list)) else out.sample
-    return (out[0] if isinstance(out, list) else out).float()
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:

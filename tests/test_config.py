@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from fp8_compile import Fp8Config
 
@@ -42,6 +43,9 @@ def test_single_pattern_string_is_one_pattern():
         ({"granularity": "per_channel"}, "'granularity' must be one of ['per_row', 'per_tensor']"),
         ({"conditioning": "int4"}, "'conditioning' must be one of ['weight_only', 'fp8', 'bf16']"),
         ({"fast_accum": "yes"}, "'fast_accum' must be True or False"),
+        ({"cudagraphs": 1}, "'cudagraphs' must be True or False"),
+        ({"strict": "no"}, "'strict' must be True or False"),
+        ({"lowering": "int8"}, "'lowering' must be one of ['auto', 'w8a8', 'weight_only']"),
         ("img_mlp", "omni_fp8 options must be a dict"),
     ],
 )
@@ -49,3 +53,11 @@ def test_bad_options_name_the_key_and_the_choices(options, message):
     with pytest.raises(ValueError) as info:
         Fp8Config.from_options(options)
     assert message in str(info.value)
+
+
+def test_cudagraphs_option_and_cpu_settings_reach_inductor():
+    from fp8_compile.inductor import config_patches
+
+    assert config_patches(torch.device("cuda"), None, cudagraphs=True)["triton.cudagraphs"] is True
+    assert "triton.cudagraphs" not in config_patches(torch.device("cuda"), None, cudagraphs=False)
+    assert config_patches(torch.device("cpu"), None, cudagraphs=False)["cpp.simdlen"] == 256
