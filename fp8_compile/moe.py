@@ -179,8 +179,11 @@ def grouped_fp8_linear(
     start = 0
     for expert, end in enumerate(offsets.tolist()):
         if end > start:
+            # cuBLASLt wants 16-byte aligned scale vectors: a slice of x_scale that starts at an
+            # odd row is not (CUBLAS_STATUS_NOT_SUPPORTED on an H100), so it is copied.
             out[start:end] = ops.fp8_matmul(
-                x_fp8[start:end], x_scale[start:end], weight[expert], weight_scale[expert, :, None], None, x.dtype, fast_accum
+                x_fp8[start:end], x_scale[start:end].clone(), weight[expert], weight_scale[expert, :, None], None, x.dtype,
+                fast_accum,
             )
         start = end
     return out
