@@ -100,6 +100,9 @@ def prepare(row: str, model: nn.Module) -> tuple[nn.Module, str]:
     mode = "reduce-overhead" if cudagraphs and not row.startswith("omni_fp8") else None
     if row == "bf16_eager":
         return model, "eager"
+    if row.startswith("torchao") and "eager" in parts:
+        torchao_convert(model, "row" if "row" in parts else "weightonly" if "weightonly" in parts else "tensor")
+        return model, "eager"
     if row.startswith("bf16"):
         backend, options = "inductor", None
     elif row.startswith("torchao"):
@@ -162,6 +165,8 @@ def run_row(row: str, spec, res: Resolution, reference: torch.Tensor | None, arg
 
 def classify(kernel: str) -> str:
     k = kernel.lower()
+    if "nccl" in k:
+        return "communication (nccl)"
     if "weight_only" in k:
         return "gemv (weight-only fp8)"
     if k.startswith("triton_") and not k.startswith("triton_tem"):

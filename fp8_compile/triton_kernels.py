@@ -69,8 +69,9 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 @triton.autotune(
     configs=[
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-        for bm, bn, bk, s, w in [
-            (128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (32, 64, 64, 4, 4),
+        for bn, bm, bk, s, w in [
+            (128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 128, 3, 8),
+            (128, 256, 32, 4, 8), (128, 128, 32, 4, 4), (64, 256, 64, 3, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
         ]
     ],
     key=["M", "N", "K"],
@@ -82,25 +83,29 @@ def _weight_only_mm_kernel(
     HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # The product is computed transposed, out^T = W x^T: the converted weight tile is the left
+    # operand, which Hopper's wgmma may take from registers, while the right operand must come
+    # from shared memory. With the weight on the right, its register-side conversion forces a
+    # round trip through shared memory (or the older mma path) and the GEMM runs far below BF16.
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         ks = k + offs_k
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :], mask=(offs_m[:, None] < M) & (ks[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + ks[:, None], mask=(offs_n[None, :] < N) & (ks[:, None] < K), other=0.0)
-        acc = tl.dot(x, w.to(x.dtype), acc)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + ks[None, :], mask=(offs_n[:, None] < N) & (ks[None, :] < K), other=0.0)
+        x = tl.load(x_ptr + offs_m[None, :] * stride_xm + ks[:, None], mask=(offs_m[None, :] < M) & (ks[:, None] < K), other=0.0)
+        acc = tl.dot(w.to(x.dtype), x, acc)
     if ROW_SCALE:
-        acc *= tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        acc *= tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)[:, None]
     else:
         acc *= tl.load(scale_ptr)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    mask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton_op("fp8_compile::weight_only_mm", mutates_args=())
