@@ -184,6 +184,12 @@ def profile_breakdown(fn) -> dict[str, float]:
 
     fn()
     torch.cuda.synchronize()
+    # Host time: how long the Python call takes to return with an empty launch queue. When it is
+    # close to the forward's GPU time, the GPU waits on the host (launch-bound).
+    start = time.perf_counter()
+    fn()
+    host_ms = (time.perf_counter() - start) * 1e3
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
@@ -198,6 +204,7 @@ def profile_breakdown(fn) -> dict[str, float]:
         counts[category] += 1
         top[event.name] += event.device_time_total / 1e3
     result = {k: round(v, 3) for k, v in sorted(totals.items())}
+    result["host_ms"] = round(host_ms, 3)
     result["kernel_counts"] = dict(counts)
     result["top_kernels"] = {k[:120]: round(v, 3) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:25]}
     return result
