@@ -33,7 +33,6 @@ class DiTSpec:
     tiny: dict[str, Any]
     full: dict[str, Any]
     make_inputs: Callable[[nn.Module, Resolution, torch.dtype, torch.device], dict[str, Any]]
-    vae_scale: int = 8  # pixels per latent pixel
 
     def build(self, size: str = "tiny", dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> nn.Module:
         import diffusers
