@@ -5,10 +5,11 @@
 
 Every row builds the same model (same seed), converts/compiles it its own way and reports:
 ms per forward (median of CUDA-event timings after warm-up), cold compile seconds (first calls
-until the compiled graph runs), weight GB, peak GB during the timed forward, and the relative
-error of the output against BF16 eager. ``--floor`` adds the floor (each GEMM shape at the FP8
-rate measured here, plus the measured attention time); ``--profile ROW`` adds a per-category
-breakdown of that row's GPU time from torch.profiler.
+until the compiled graph runs), weight GB, peak GB during conversion and during the timed
+forward, and the relative error of the output against BF16 eager. ``--floor`` adds the floor
+(each GEMM shape at the FP8 rate measured here, plus the measured attention time); ``--profile
+ROW`` adds a per-category breakdown of that row's GPU time from torch.profiler and its host
+time; ``--warm-compile ROW`` compiles the row again in a second process with warm caches.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -47,6 +50,8 @@ class Row:
     compile_s: float = float("nan")
     weight_gb: float = float("nan")
     peak_gb: float = float("nan")
+    conversion_peak_gb: float = float("nan")  # peak while converting, before the first call
+    warm_compile_s: float = float("nan")  # the same row in a second process, caches warm
     rel_err: float = float("nan")
     note: str = ""
     extra: dict = field(default_factory=dict)
@@ -144,8 +149,10 @@ def run_row(row: str, spec, res: Resolution, reference: torch.Tensor | None, arg
     # "cdt": Inductor's coordinate-descent tuning of element-wise kernel configs
     tuning = torch._inductor.config.patch(coordinate_descent_tuning="cdt" in row.split("_"))
     with torch.no_grad(), tuning:
+        torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         runner, result.note = prepare(row, model)
+        result.conversion_peak_gb = torch.cuda.max_memory_allocated() / 1e9
         for _ in range(2):  # compiled by the end of the 2nd call in every row
             runner(**inputs)
         torch.cuda.synchronize()
@@ -276,6 +283,15 @@ def gemm_floor(spec, res: Resolution) -> dict:
     )
 
 
+def warm_compile_seconds(model: str, row: str) -> float:
+    """Compile seconds of ``row`` in a fresh process that finds this one's caches (Inductor's
+    FX graph and autotuning caches, under TORCHINDUCTOR_CACHE_DIR) filled."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [sys.executable, __file__, "--model", model, "--rows", row, "--warmup", "0", "--iters", "1", "--out", out.name]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        return json.load(open(out.name))["rows"][0]["compile_s"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="flux", choices=sorted(RESOLUTIONS))
@@ -284,6 +300,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--floor", action="store_true")
     parser.add_argument("--profile", default="", help="comma-separated rows to profile")
+    parser.add_argument("--warm-compile", default="", help="comma-separated rows to compile again in a second process")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     args.profile = [r for r in args.profile.split(",") if r]
@@ -315,6 +332,13 @@ def main() -> None:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
+    for row in results["rows"]:
+        if row["name"] in args.warm_compile.split(","):
+            row["warm_compile_s"] = warm_compile_seconds(args.model, row["name"])
+            print(row["name"], "warm compile s", row["warm_compile_s"], flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
     floor = results.get("floor", {}).get("floor_ms")
     print(f"\n{'row':34} {'ms':>8} {'compile s':>9} {'weights GB':>10} {'peak GB':>8} {'rel err':>8} {'% floor':>8}")
     for r in results["rows"]:
