@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from torch._dynamo.exc import BackendCompilerFailed
 from torch._inductor.utils import run_and_get_code
 from torch._subclasses.fake_tensor import is_fake
 
@@ -39,9 +40,13 @@ def test_backend_name_works_without_importing_the_package():
 def test_bad_option_fails_before_any_weight_is_touched(tiny_flux):
     model, inputs, _ = tiny_flux
     compiled = torch.compile(model, backend="omni_fp8", options={"ignored_layer": ["ff"]})
-    with pytest.raises(Exception, match="unknown omni_fp8 option 'ignored_layer'"), torch.no_grad():
+    with pytest.raises(BackendCompilerFailed) as info, torch.no_grad():
         compiled(**inputs)
+    # Dynamo wraps what the backend raises; the user sees the option's ValueError, with the fix.
+    assert isinstance(info.value.inner_exception, ValueError)
+    assert "unknown omni_fp8 option 'ignored_layer' (did you mean 'ignored_layers'?)" in str(info.value.inner_exception)
     assert not any(isinstance(m, ScaledLinear) for m in model.modules())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
 def test_explicit_conversion_then_compile_traces_once(tiny_flux_fp32, caplog):
@@ -121,10 +126,25 @@ def test_recompiles_are_bounded_over_resolutions_and_share_the_fp8_weights(tiny_
 def test_to_dtype_keeps_fp8_weights(tiny_flux):
     model, inputs, _ = tiny_flux
     fp8_compile.quantize_(model)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, ScaledLinear)}
+    fp8_bytes = {name: m.weight.view(torch.uint8).clone() for name, m in layers.items()}
+    with torch.no_grad():
+        bf16_out = first_output(model(**inputs))
     model.to(torch.float16)
-    layer = model.transformer_blocks[0].attn.to_q
-    assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale.dtype == torch.float32
-    assert layer.bias.dtype == torch.float16
+    assert len(layers) == 50
+    for name, layer in layers.items():
+        assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale.dtype == torch.float32, name
+        assert torch.equal(layer.weight.view(torch.uint8), fp8_bytes[name]), name
+        assert layer.bias is None or layer.bias.dtype == torch.float16, name
+    # The cast model runs in float16, its FP8 layers included. Measured: 0.05 from the BF16 run of
+    # the same FP8 model (the tiny FLUX moves ~4% between BF16 roundings alone); 0.15 as in
+    # test_models.py, 3x the e4m3 error, below the 0.3 and more of a wrong or lost scale.
+    half = {k: v.half() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    with torch.no_grad():
+        raw = model(**half)
+    out = raw[0] if isinstance(raw, tuple) else raw.sample
+    assert out.dtype == torch.float16
+    assert torch.isfinite(out).all() and rel_error(out, bf16_out) < 0.15
 
 
 def test_gradients_get_a_clear_error():
