@@ -70,11 +70,18 @@ def test_forced_weight_only_runs_every_fp8_layer_weight_only(device):
     model, inputs = build("flux", device=device)
     with torch.no_grad():
         reference = first_output(model(**inputs))
-    fp8_compile.quantize_(model)
+    report = fp8_compile.quantize_(model)
+    n_layers = report.num_quantized  # 37 W8A8 + 13 weight-only
     compiled = torch.compile(model, backend="omni_fp8", options={"lowering": "weight_only"})
     with torch.no_grad():
         out, (code, *_) = run_and_get_code(compiled, **inputs)
     out = first_output(out)
     assert not re.search(r"\b_scaled_mm\(", code)  # no FP8 x FP8 GEMM left
+    # The graph still takes every converted layer's FP8 weight (none was dequantized ahead of
+    # time into a BF16 copy), and on the CPU each layer is one BF16 GEMM on its dequantized weight.
+    assert n_layers == 50
+    assert len(re.findall(r"rand_strided\([^\n]*dtype=torch\.float8_e4m3fn\)", code)) == n_layers
+    if device == "cpu":
+        assert len(re.findall(r"\bextern_kernels\.(?:add)?mm\(", code)) == n_layers
     assert rel_error(out, reference) < 0.1 and cosine(out, reference) > 0.99
     print(f"weight-only on {device}: relative error vs BF16 {rel_error(out, reference):.4f}")
