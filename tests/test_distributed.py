@@ -132,7 +132,11 @@ def test_linear_wrapped_by_a_hook_before_conversion_stays_bf16():
 
     assert report.layers[0].decision is Decision.BF16 and "hook" in report.layers[0].reason
     assert isinstance(hooked_early, ScaledLinear)
-    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    x = torch.randn(8, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(hooked_late(x), reference(x))
-        assert rel_error(hooked_early(x), reference(x)) < 0.1  # e4m3 weight and activation: ~5%
+        # The hook wraps the FP8 forward: the same output as the FP8 layer called past the hook,
+        # off BF16 by e4m3 rounding of weight and activation (measured 0.034-0.037 over seeds).
+        early = hooked_early(x)
+        assert torch.equal(early, ScaledLinear.forward(hooked_early, x))
+        assert 0.01 < rel_error(early, reference(x)) < 0.1

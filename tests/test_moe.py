@@ -134,5 +134,10 @@ def test_fp8_experts_keep_their_dtypes_on_casts():
     model = tiny_thinker()
     fp8_compile.quantize_(model)
     copied = copy.deepcopy(model).to(torch.float16)
-    experts = copied.get_submodule(EXPERTS[0])
-    assert experts.gate_up_proj.dtype == torch.float8_e4m3fn and experts.gate_up_proj_scale.dtype == torch.float32
+    for name in EXPERTS:
+        original, experts = model.get_submodule(name), copied.get_submodule(name)
+        for weight in ("gate_up_proj", "down_proj"):
+            assert getattr(experts, weight).dtype == torch.float8_e4m3fn, (name, weight)
+            assert getattr(experts, f"{weight}_scale").dtype == torch.float32, (name, weight)
+            assert torch.equal(getattr(experts, weight).view(torch.uint8), getattr(original, weight).view(torch.uint8))
+    assert copied.get_submodule("model.language_model.layers.0.mlp.gate").weight.dtype == torch.float16  # the cast itself ran
