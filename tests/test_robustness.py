@@ -209,14 +209,18 @@ def test_each_changing_dimension_recompiles_once(passes_only):
         Resolution(128, 192, frames=9, batch=2),
         Resolution(192, 128, frames=13, batch=2),
     ]
+    counts = []
     with torch.no_grad():
         for resolution in walk:
             compiled(**DITS["wan"].inputs(model, resolution))
-        graphs = unique_graphs()
+            counts.append(unique_graphs())
         for resolution in walk:
             compiled(**DITS["wan"].inputs(model, resolution))
-    assert graphs <= len(walk)  # the first graph and at most one per changing dimension
-    assert unique_graphs() == graphs
+    # the first graph, then at most one more per step: each step changes one new dimension (the
+    # last changes frames again, already dynamic, and height). Measured: 1, 2, 3, 4, 5.
+    assert counts[0] == 1
+    assert all(later - earlier <= 1 for earlier, later in zip(counts, counts[1:])), counts
+    assert unique_graphs() == counts[-1]
 
 
 # Compile failure
