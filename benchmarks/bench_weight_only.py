@@ -5,27 +5,27 @@
 For each (M, K, N) of one FLUX.1-dev forward at 1024x1024 (M = 4608 tokens; M = 1 for the
 conditioning GEMVs): BF16 ``F.linear`` (cuBLAS), ``fp8_compile``'s Triton weight-only kernel
 (FP8 weight converted tile by tile inside the GEMM) and a dequantize-then-matmul (the
-full-size BF16 copy the weight-only kernel avoids), each the median of CUDA-event timings,
-cycling through several copies of the weight so that it is read from HBM as in the model.
+full-size BF16 copy the weight-only kernel avoids). Each is timed as GPU time per call: the
+calls, one per copy of the weight (so that weights are read from HBM, as in the model), are
+captured in a CUDA graph, and its replays timed with CUDA events (median).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import statistics
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_dit import cuda_time_ms  # noqa: E402
-
-from fp8_compile.ops import quantize_weight  # noqa: E402
-from fp8_compile.triton_kernels import weight_only_mm  # noqa: E402
+from fp8_compile.ops import quantize_weight
+from fp8_compile.triton_kernels import weight_only_mm
 
 # (M, K, N): the block GEMMs at 4608 tokens, then the modulation GEMVs of one image
 FLUX_SHAPES = [
@@ -35,32 +35,52 @@ FLUX_SHAPES = [
 ROTATE_BYTES = 256 * 2**20  # FP8 weight bytes cycled through per shape: ~5x the H100's 50 MB L2
 
 
+def graph_time_ms(calls: list[Callable[[], torch.Tensor]], replays: int = 20) -> float:
+    """GPU time per call of ``calls``, captured once into a CUDA graph and replayed: no host
+    time between kernels. (Timing eager calls would time the Python dispatch of a small
+    kernel, ~0.1 ms, instead of the kernel, which in the model runs from compiled code.)"""
+    for call in calls:  # warm-up, and the autotuner picks its config before the capture
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / len(calls))
+    return statistics.median(times)
+
+
 def measure(m: int, k: int, n: int) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    # Each timed call reads another copy of the weight, so that the weights read in a row
-    # (several times L2) come from HBM as they do in the model, not from L2.
+    # One call per copy of the weight, so that the weights read in a row (several times L2)
+    # come from HBM as they do in the model, not from L2.
     copies = max(2, -(-ROTATE_BYTES // (n * k)))
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
     quantized = [quantize_weight(w, "per_row") for w in weights]
-    w, (w_fp8, w_scale) = weights[0], quantized[0]
+    w_fp8, w_scale = quantized[0]
     reference = F.linear(x.float(), (w_fp8.float() * w_scale.float()), bias.float())
     out = weight_only_mm(x, w_fp8, w_scale, bias)
-    bf16_weights, fp8_weights = itertools.cycle(weights), itertools.cycle(quantized)
-
-    def dequantize_then_mm():
-        w_fp8, w_scale = next(fp8_weights)
-        return F.linear(x, (w_fp8.to(x.dtype) * w_scale.to(x.dtype)), bias)
-
     timings = {
-        "bf16": cuda_time_ms(lambda: F.linear(x, next(bf16_weights), bias), 3, 20),
-        "weight_only_fp8": cuda_time_ms(lambda: weight_only_mm(x, *next(fp8_weights), bias), 3, 20),
-        "dequantize_then_mm": cuda_time_ms(dequantize_then_mm, 3, 20),
+        "bf16": graph_time_ms([partial(F.linear, x, w, bias) for w in weights]),
+        "weight_only_fp8": graph_time_ms([partial(weight_only_mm, x, w, s, bias) for w, s in quantized]),
+        "dequantize_then_mm": graph_time_ms([partial(dequantize_then_mm, x, w, s, bias) for w, s in quantized]),
     }
     row = {"m": m, "k": k, "n": n, "weight_copies": copies, **{f"{name}_ms": round(t, 4) for name, t in timings.items()}}
     row["weight_only_vs_bf16"] = round(timings["bf16"] / timings["weight_only_fp8"], 3)
     row["rel_err"] = round(((out.float() - reference).norm() / reference.norm()).item(), 5)
     return row
+
+
+def dequantize_then_mm(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w_fp8.to(x.dtype) * w_scale.to(x.dtype), bias)
 
 
 def main() -> None:
