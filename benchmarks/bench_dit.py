@@ -133,6 +133,11 @@ def prepare(row: str, model: nn.Module) -> tuple[nn.Module, str]:
         kwargs["mode"] = mode
     if style == "regional":
         model.compile_repeated_blocks(fullgraph=True, **kwargs)
+        if cudagraphs:
+            # CUDA-graph trees start a new generation at every entry into compiled code, so each
+            # block would replay the first block's graph over the outputs it is reading; once
+            # steps are marked, a generation is one forward and the blocks record one path.
+            model.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
         return model, f"regional {kwargs}"
     return torch.compile(model, **kwargs), f"whole {kwargs}"
 
