@@ -50,7 +50,14 @@ from tqdm.auto import tqdm
 from fp8_compile.blockwise import BlockScaledLinear
 from fp8_compile.modules import ScaledLinear
 from fp8_compile.moe import EXPERT_WEIGHTS, Fp8Experts
-from fp8_compile.report import Decision, LayerReport, QuantizationReport, quantization_report, record_report
+from fp8_compile.report import (
+    Decision,
+    LayerReport,
+    QuantizationReport,
+    quantization_report,
+    record_report,
+    tensor_bytes,
+)
 
 logger = logging.getLogger("fp8_compile")
 
@@ -299,10 +306,6 @@ def _bf16_bytes(module: nn.Linear) -> int:
     return 2 * (module.in_features * module.out_features + (module.out_features if module.bias is not None else 0))
 
 
-def _quantized_bytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
 def _load_public(loader: _Loader, quant: dict[str, Any]) -> QuantizationReport:
     """ModelOpt FP8 or block-FP8: FP8 linears by their e4m3 weights, the rest as stored."""
     block = quant.get("weight_block_size")
@@ -332,7 +335,7 @@ def _load_public(loader: _Loader, quant: dict[str, Any]) -> QuantizationReport:
     loader.fill_the_rest()
     for layer in report.by_decision(Decision.FP8):
         module = loader.model.get_submodule(layer.name)
-        report.bytes_after += _quantized_bytes(module.weight, module.weight_scale, module.input_scale, module.bias)
+        report.bytes_after += tensor_bytes(module.weight, module.weight_scale, module.input_scale, module.bias)
     return report
 
 

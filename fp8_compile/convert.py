@@ -27,7 +27,14 @@ from fp8_compile.config import DEFAULT_TOWER_LAYERS, DTYPE_READ_LAYERS, Fp8Confi
 from fp8_compile.modules import ScaledLinear
 from fp8_compile.moe import EXPERT_WEIGHTS, apply_expert_plans, is_experts_module, plan_experts
 from fp8_compile.patterns import LayerPattern, LayerPatterns, closest_names
-from fp8_compile.report import Decision, LayerReport, QuantizationReport, quantization_report, record_report
+from fp8_compile.report import (
+    Decision,
+    LayerReport,
+    QuantizationReport,
+    quantization_report,
+    record_report,
+    tensor_bytes,
+)
 
 logger = logging.getLogger("fp8_compile")
 
@@ -126,10 +133,6 @@ def warn_unmatched_patterns(patterns: Iterable[str], model: nn.Module) -> None:
             )
 
 
-def _bytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
 def apply_plans(plans: list[LayerPlan], config: Fp8Config) -> QuantizationReport:
     """Convert the planned layers one by one; returns what was done."""
     report = QuantizationReport()
@@ -141,9 +144,9 @@ def apply_plans(plans: list[LayerPlan], config: Fp8Config) -> QuantizationReport
         if plan.decision is Decision.BF16:
             _KEPT_WEIGHTS[module.weight] = plan.reason
             continue
-        report.bytes_before += _bytes(module.weight, module.bias)
+        report.bytes_before += tensor_bytes(module.weight, module.bias)
         _convert_layer(plan, config)
-        report.bytes_after += _bytes(module.weight, module.weight_scale, module.input_scale, module.bias)
+        report.bytes_after += tensor_bytes(module.weight, module.weight_scale, module.input_scale, module.bias)
     return report
 
 

@@ -29,7 +29,7 @@ from fp8_compile import ops
 from fp8_compile.config import DEFAULT_TOWER_LAYERS, Fp8Config
 from fp8_compile.modules import moving_only
 from fp8_compile.patterns import LayerPatterns
-from fp8_compile.report import Decision, LayerReport, QuantizationReport
+from fp8_compile.report import Decision, LayerReport, QuantizationReport, tensor_bytes
 
 logger = logging.getLogger("fp8_compile")
 
@@ -115,10 +115,6 @@ def quantize_expert_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return quantized, scales
 
 
-def _bytes(*tensors: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def apply_expert_plans(plans: list[ExpertsPlan], config: Fp8Config) -> QuantizationReport:
     """Convert the planned expert weights; returns their report entries."""
     report = QuantizationReport()
@@ -129,9 +125,9 @@ def apply_expert_plans(plans: list[ExpertsPlan], config: Fp8Config) -> Quantizat
             _, n, k = weight.shape
             report.layers.append(LayerReport(f"{plan.name}.{weight_name}", n, k, decision, reason))
             if decision is Decision.FP8:
-                report.bytes_before += _bytes(weight)
+                report.bytes_before += tensor_bytes(weight)
                 fp8_weights[weight_name] = quantize_expert_weight(weight)
-                report.bytes_after += _bytes(*fp8_weights[weight_name])
+                report.bytes_after += tensor_bytes(*fp8_weights[weight_name])
         if fp8_weights:
             Fp8Experts.from_quantized(plan.module, fp8_weights, fast_accum=config.fast_accum)
     return report

@@ -8,7 +8,13 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+import torch
 import torch.nn as nn
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """The memory the given tensors hold (None counts nothing), as the report's byte counts add it up."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class Decision(str, Enum):
