@@ -25,6 +25,7 @@ from fp8_compile.activation_scales import assign_static_scales
 from fp8_compile.blockwise import BlockScaledLinear, describe_blocks
 from fp8_compile.config import DEFAULT_TOWER_LAYERS, DTYPE_READ_LAYERS, Fp8Config
 from fp8_compile.modules import ScaledLinear
+from fp8_compile.ops import CONVERTIBLE_DTYPES, GEMM_ALIGNMENT
 from fp8_compile.moe import EXPERT_WEIGHTS, apply_expert_plans, is_experts_module, plan_experts
 from fp8_compile.patterns import LayerPattern, LayerPatterns, closest_names
 from fp8_compile.report import (
@@ -38,8 +39,6 @@ from fp8_compile.report import (
 
 logger = logging.getLogger("fp8_compile")
 
-_CONVERTIBLE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_GEMM_ALIGNMENT = 16  # FP8 GEMMs need K and N to be multiples of 16
 _DTYPE_READ = LayerPatterns(DTYPE_READ_LAYERS)
 _TOWERS = LayerPatterns(DEFAULT_TOWER_LAYERS)
 
@@ -70,7 +69,7 @@ def _decide(name: str, module: nn.Linear, config: Fp8Config, ignored: LayerPatte
         return Decision.BF16, "forward wrapped by a hook added before conversion (convert first)"
     if config.towers == "bf16" and _TOWERS.first_match(name) is not None:
         return Decision.BF16, "vision/audio tower"
-    if module.weight.dtype not in _CONVERTIBLE_DTYPES:
+    if module.weight.dtype not in CONVERTIBLE_DTYPES:
         return Decision.BF16, f"weight dtype {module.weight.dtype}"
     pattern = conditioning.first_match(name)
     if pattern is not None and config.conditioning != "fp8":
@@ -78,8 +77,8 @@ def _decide(name: str, module: nn.Linear, config: Fp8Config, ignored: LayerPatte
             return Decision.BF16, "conditioning layer"
         return Decision.WEIGHT_ONLY, "conditioning layer"
     for dim, size in (("K", module.in_features), ("N", module.out_features)):
-        if size % _GEMM_ALIGNMENT:
-            return Decision.BF16, f"{dim}={size} not a multiple of {_GEMM_ALIGNMENT}"
+        if size % GEMM_ALIGNMENT:
+            return Decision.BF16, f"{dim}={size} not a multiple of {GEMM_ALIGNMENT}"
     return Decision.FP8, "fp8"
 
 
@@ -203,7 +202,7 @@ def quantize_(model: nn.Module, options: Mapping[str, Any] | Fp8Config | None = 
 
 def is_pending(weight: torch.Tensor) -> bool:
     """A BF16/FP16/FP32 parameter of a linear that no conversion has decided on yet."""
-    return isinstance(weight, nn.Parameter) and weight.dtype in _CONVERTIBLE_DTYPES and weight not in _KEPT_WEIGHTS
+    return isinstance(weight, nn.Parameter) and weight.dtype in CONVERTIBLE_DTYPES and weight not in _KEPT_WEIGHTS
 
 
 def keep_weights(weights: Iterable[torch.Tensor], reason: str) -> None:

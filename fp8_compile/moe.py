@@ -28,14 +28,13 @@ import torch.nn.functional as F
 from fp8_compile import ops
 from fp8_compile.config import DEFAULT_TOWER_LAYERS, Fp8Config
 from fp8_compile.modules import moving_only
+from fp8_compile.ops import CONVERTIBLE_DTYPES, GEMM_ALIGNMENT
 from fp8_compile.patterns import LayerPatterns
 from fp8_compile.report import Decision, LayerReport, QuantizationReport, tensor_bytes
 
 logger = logging.getLogger("fp8_compile")
 
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
-_GEMM_ALIGNMENT = 16
-_CONVERTIBLE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def is_experts_module(module: nn.Module) -> bool:
@@ -67,12 +66,12 @@ def _decide(full_name: str, weight: torch.Tensor, ignored: LayerPatterns, towers
         return Decision.BF16, f"ignored by {pattern!r}"
     if towers.first_match(full_name) is not None:
         return Decision.BF16, "vision/audio tower"
-    if weight.dtype not in _CONVERTIBLE_DTYPES:
+    if weight.dtype not in CONVERTIBLE_DTYPES:
         return Decision.BF16, f"weight dtype {weight.dtype}"
     _, n, k = weight.shape
     for dim, size in (("K", k), ("N", n)):
-        if size % _GEMM_ALIGNMENT:
-            return Decision.BF16, f"{dim}={size} not a multiple of {_GEMM_ALIGNMENT}"
+        if size % GEMM_ALIGNMENT:
+            return Decision.BF16, f"{dim}={size} not a multiple of {GEMM_ALIGNMENT}"
     return Decision.FP8, "expert weights, scaled per expert and channel"
 
 

@@ -13,6 +13,9 @@ import torch.nn.functional as F
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
+# The weight dtypes a conversion quantizes; others (integer, already FP8) are left alone.
+CONVERTIBLE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+GEMM_ALIGNMENT = 16  # FP8 GEMMs need K and N to be multiples of 16
 # Floor for an amax so that an all-zero row or tensor gets a tiny scale instead of 0 (0/0 = NaN).
 AMAX_FLOOR = 1e-12
 
