@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,19 +26,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fp8_compile.config import Fp8Config
+from fp8_compile.patterns import SHOWN_NAMES, shown_names
 from fp8_compile.report import Decision
 
 if TYPE_CHECKING:
     from fp8_compile.convert import LayerPlan
 
 FORMAT = "fp8_compile.activation_scales"
-_SHOWN = 5  # offending layers named in an error
-
-
-def _first(names: Iterable[str]) -> str:
-    names = list(names)
-    more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
-    return ", ".join(repr(n) for n in names[:_SHOWN]) + more
 
 
 @dataclass(frozen=True)
@@ -54,8 +48,8 @@ class ActivationScales:
         bad = [name for name, scale in self.scales.items() if not (math.isfinite(scale) and scale > 0)]
         if bad:
             raise ValueError(
-                f"{self.source}: activation scales must be finite and > 0; bad scales for layers {_first(bad)} "
-                f"({', '.join(f'{n}={self.scales[n]}' for n in bad[:_SHOWN])})"
+                f"{self.source}: activation scales must be finite and > 0; bad scales for layers {shown_names(bad)} "
+                f"({', '.join(f'{n}={self.scales[n]}' for n in bad[:SHOWN_NAMES])})"
             )
 
     def check_model(self, model: nn.Module) -> None:
@@ -70,7 +64,7 @@ class ActivationScales:
         unknown = [name for name in self.scales if name not in linears]
         if unknown:
             raise ValueError(
-                f"{self.source} has scales for layers that are not linear layers of {model_class}: {_first(unknown)}; "
+                f"{self.source} has scales for layers that are not linear layers of {model_class}: {shown_names(unknown)}; "
                 "was it calibrated on another model, or on a submodule with other layer names?"
             )
 
@@ -103,7 +97,7 @@ def load_activation_scales(path: str | os.PathLike) -> ActivationScales:
         )
     not_scalar = [name for name, t in tensors.items() if t.numel() != 1 or not t.is_floating_point()]
     if not_scalar:
-        raise ValueError(f"activation scales file {path!r}: expected one float scale per layer, not for {_first(not_scalar)}")
+        raise ValueError(f"activation scales file {path!r}: expected one float scale per layer, not for {shown_names(not_scalar)}")
     return ActivationScales(
         {name: t.float().item() for name, t in tensors.items()},
         source=f"activation scales file {path!r}",
@@ -135,7 +129,7 @@ def assign_static_scales(plans: list[LayerPlan], model: nn.Module, config: Fp8Co
     if missing and config.missing_activation_scales == "error":
         raise ValueError(
             f"{scales.source} has no activation scale for {len(missing)} FP8 layers of {type(model).__name__}: "
-            f"{_first(missing)}; calibrate them, keep them BF16 with 'ignored_layers', or let them scale "
+            f"{shown_names(missing)}; calibrate them, keep them BF16 with 'ignored_layers', or let them scale "
             "dynamically with options={'missing_activation_scales': 'dynamic'}"
         )
     for plan in fp8:

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from fp8_compile.blockwise import BlockScaledLinear
 from fp8_compile.modules import ScaledLinear
 from fp8_compile.moe import EXPERT_WEIGHTS, Fp8Experts
+from fp8_compile.patterns import shown_names
 from fp8_compile.report import (
     Decision,
     LayerReport,
@@ -63,7 +64,6 @@ logger = logging.getLogger("fp8_compile")
 
 FORMAT = "fp8_compile.checkpoint"
 FORMAT_VERSION = "1"
-_SHOWN = 5
 
 
 @contextlib.contextmanager
@@ -227,10 +227,6 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         owner._buffers[attr] = tensor
 
 
-def _first(names: list[str]) -> str:
-    return ", ".join(repr(n) for n in names[:_SHOWN]) + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
-
-
 class _Loader:
     """Builds the FP8 modules of one checkpoint format, then fills every other tensor."""
 
@@ -264,13 +260,13 @@ class _Loader:
             else:
                 missing.append(name)
         if missing:
-            raise ValueError(f"{self.files.source} lacks tensors of {type(self.model).__name__}: {_first(missing)}")
+            raise ValueError(f"{self.files.source} lacks tensors of {type(self.model).__name__}: {shown_names(missing)}")
         unused = sorted(set(self.files.file_of) - self.used - set(self.files.aliases.values()))
         if unused:
-            logger.warning("%s: %d tensors the model has no place for: %s", self.files.source, len(unused), _first(unused))
+            logger.warning("%s: %d tensors the model has no place for: %s", self.files.source, len(unused), shown_names(unused))
         still_meta = [n for n, t in [*self.model.named_parameters(), *self.model.named_buffers()] if t.is_meta]
         if still_meta:
-            raise ValueError(f"{self.files.source} left tensors of {type(self.model).__name__} unset: {_first(still_meta)}")
+            raise ValueError(f"{self.files.source} left tensors of {type(self.model).__name__} unset: {shown_names(still_meta)}")
 
 
 def _linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:

@@ -64,14 +64,15 @@ DTYPE_READ_LAYERS: tuple[str, ...] = ("t_embedder.mlp.0", "DenseReluDense.wo")
 DEFAULT_TOWER_LAYERS: tuple[str, ...] = ("visual", "audio_tower", "vision_tower", "vision_model")
 
 
-def _suggest(value: str, choices: Sequence[str]) -> str:
+def did_you_mean(value: str, choices: Sequence[str]) -> str:
+    """' (did you mean ...?)' naming the choice closest to a misspelt ``value``, or ''."""
     close = difflib.get_close_matches(value, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _choice(key: str, value: Any, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
-        hint = _suggest(value, choices) if isinstance(value, str) else ""
+        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
         raise ValueError(f"omni_fp8 option {key!r} must be one of {list(choices)}, got {value!r}{hint}")
     return value
 
@@ -189,7 +190,7 @@ class Fp8Config:
         valid = [f.name for f in dataclasses.fields(cls)]
         for key in options:
             if key not in valid:
-                hint = _suggest(key, valid) if isinstance(key, str) else ""
+                hint = did_you_mean(key, valid) if isinstance(key, str) else ""
                 raise ValueError(f"unknown omni_fp8 option {key!r}{hint}; valid options: {valid}")
         return cls(**options)
 

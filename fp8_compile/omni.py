@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import functools
 import importlib
 import importlib.util
@@ -34,7 +33,7 @@ import torch
 import torch.nn as nn
 from packaging.version import Version
 
-from fp8_compile.config import METHODS, Fp8Config
+from fp8_compile.config import METHODS, Fp8Config, did_you_mean
 from fp8_compile.convert import quantize_
 from fp8_compile.report import QuantizationReport
 
@@ -90,11 +89,6 @@ class OmniRequestOutput:
     peak_memory_bytes: int | None = None
 
 
-def _suggest(name: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def read_model_index(model: str | os.PathLike) -> dict[str, Any]:
     """The ``model_index.json`` of a local diffusers pipeline folder; ValueError if there is none."""
     index = Path(model) / "model_index.json"
@@ -123,7 +117,7 @@ def component_configs(
     default options. Raises ValueError naming the method, component or option at fault.
     """
     if quantization is not None and quantization not in METHODS:
-        hint = _suggest(str(quantization), METHODS)
+        hint = did_you_mean(str(quantization), METHODS)
         raise ValueError(f"unknown quantization method {quantization!r}{hint}; supported: {list(METHODS)}")
     if quantization_config is None:
         if quantization is None:
@@ -164,7 +158,7 @@ def _check_component(name: str, components: list[str], index: Mapping[str, Any])
     if name not in components:
         known = ", ".join(components)
         raise ValueError(
-            f"{name!r} is neither an omni_fp8 option nor a component of {pipeline}{_suggest(name, components)}; "
+            f"{name!r} is neither an omni_fp8 option nor a component of {pipeline}{did_you_mean(name, components)}; "
             f"components: {known}; options: {sorted(_OPTION_NAMES)}"
         )
     library, class_name = index[name][:2]

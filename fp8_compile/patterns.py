@@ -62,3 +62,13 @@ def closest_names(pattern: str, names: Sequence[str], n: int = 3) -> list[str]:
         parts = name.split(".")
         candidates.update(".".join(parts[i : i + width]) for i in range(len(parts) - width + 1))
     return difflib.get_close_matches(text, sorted(candidates), n=n, cutoff=0.5)
+
+
+SHOWN_NAMES = 5  # offending layers or tensors an error names
+
+
+def shown_names(names: Iterable[str], shown: int = SHOWN_NAMES) -> str:
+    """The first ``shown`` names, quoted, and how many more there are: the offenders an error names."""
+    names = list(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(repr(n) for n in names[:shown]) + more

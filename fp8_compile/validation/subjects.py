@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from fp8_compile import digits
+from fp8_compile.caching.api import DENOISER_COMPONENTS
 from fp8_compile.caching.loop import CONVENTIONS, prediction
 from fp8_compile.config import Fp8Config
 from fp8_compile.convert import convert_model
@@ -175,9 +176,6 @@ def digits_subject(
     return Subject("digits", TRAINED, {"transformer": model}, generate, steps, 1.0, seed, str(device))
 
 
-_DENOISER_COMPONENTS = ("transformer", "transformer_2")  # Wan2.2 A14B has two experts
-
-
 def _first_frame(images: torch.Tensor) -> torch.Tensor:
     """A pipeline's "pt" output as [B, C, H, W]: videos ([B, F, C, H, W]) give their first frame."""
     return (images[:, 0] if images.dim() == 5 else images).float().cpu()
@@ -200,7 +198,7 @@ def pipeline_subject(
         raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
     pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16).to(device)
     pipe.set_progress_bar_config(disable=True)  # sensitivity runs it dozens of times
-    denoisers = {name: getattr(pipe, name) for name in _DENOISER_COMPONENTS if getattr(pipe, name, None) is not None}
+    denoisers = {name: getattr(pipe, name) for name in DENOISER_COMPONENTS if getattr(pipe, name, None) is not None}
     if not denoisers:
         raise ValueError(f"the pipeline in {folder} ({type(pipe).__name__}) has no 'transformer' component")
     call_args: dict[str, Any] = dict(prompt=prompt, height=height, width=width, num_inference_steps=steps)
