@@ -175,6 +175,9 @@ class CheckpointFiles:
         return name in self.file_of or name in self.aliases
 
     def get(self, name: str) -> torch.Tensor:
+        if name not in self.file_of:
+            # an FP8 layer's scale (weight_scale, input_scale, weight_scale_inv) the format requires
+            raise ValueError(f"{self.source} lacks tensor {name!r}")
         return self.handle(self.file_of[name]).get_tensor(name)
 
     def stored_dtype(self, name: str) -> str | None:

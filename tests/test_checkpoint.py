@@ -206,3 +206,13 @@ def test_checkpoint_missing_tensors_names_them(tmp_path):
     save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"))
     with pytest.raises(ValueError, match=r"lacks tensors of FluxTransformer2DModel: 'norm_out.linear.bias'"):
         load_quantized(flux_skeleton(), tmp_path / "ckpt")
+
+
+def test_checkpoint_missing_scale_of_an_fp8_layer_names_it(tmp_path):
+    model, _ = build("flux")
+    write_block_fp8(model, tmp_path / "ckpt")
+    tensors = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    del tensors["transformer_blocks.0.attn.to_q.weight_scale_inv"]
+    save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"ckpt' lacks tensor 'transformer_blocks.0.attn.to_q.weight_scale_inv'"):
+        load_quantized(flux_skeleton(), tmp_path / "ckpt")
