@@ -176,6 +176,7 @@ def _check_cache_backend(cache_backend: str | None, cache_config: Mapping[str, A
             f"cache_backend {cache_backend!r} is not available yet: this installation has no {CACHE_MODULE} "
             "module; run without cache_backend"
         )
+    importlib.import_module(CACHE_MODULE).parse_cache_config(cache_backend, cache_config)
 
 
 class _StageClock:

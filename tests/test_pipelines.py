@@ -236,6 +236,17 @@ def test_cache_backend_not_available_yet(pipeline_dir, monkeypatch):
         Omni(pipeline_dir("flux"), quantization="fp8", cache_backend="tea_cache", cache_config={"rel_l1_thresh": 0.2})
 
 
+def test_bad_cache_backend_fails_before_the_pipeline_loads(pipeline_dir, monkeypatch):
+    def load(*args):
+        raise AssertionError("the pipeline was loaded before its cache_backend was checked")
+
+    monkeypatch.setattr(Omni, "_load", load)
+    with pytest.raises(ValueError, match="unknown cache_backend 'tee_cache'"):
+        Omni(pipeline_dir("flux"), quantization="fp8", cache_backend="tee_cache")
+    with pytest.raises(ValueError, match="unknown tea_cache cache_config key 'rel_l1_treshold'"):
+        Omni(pipeline_dir("flux"), quantization="fp8", cache_backend="tea_cache", cache_config={"rel_l1_treshold": 0.2})
+
+
 def test_tea_cache_skips_steps_of_the_fp8_transformer(pipeline_dir):
     from fp8_compile.caching import teacache_pattern
 
@@ -255,6 +266,7 @@ def test_cache_backend_is_handed_to_apply_cache(pipeline_dir, monkeypatch):
     calls = []
     fake = types.ModuleType("fake_caching")
     fake.__spec__ = importlib.machinery.ModuleSpec("fake_caching", None)
+    fake.parse_cache_config = lambda backend, config: None
     fake.apply_cache = lambda pipeline, backend, config: calls.append((type(pipeline).__name__, backend, config))
     monkeypatch.setitem(sys.modules, "fake_caching", fake)
     monkeypatch.setattr(omni_module, "CACHE_MODULE", "fake_caching")
