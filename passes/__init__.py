@@ -1,9 +1,9 @@
 """The graph passes of omni_fp8, one transformation per module (installed as ``fp8_compile.passes``).
 
 The backend applies them in this order: match -> (lower to weight-only where the device has no
-FP8 GEMM) -> quantize -> share activation quantization -> fuse activation functions into the
-quantization -> lower weight-only layers; Inductor then fuses the remaining element-wise work
-into its kernels and generates them.
+FP8 GEMM) -> quantize -> lower block-scaled layers -> share activation quantization -> fuse
+activation functions into the quantization -> lower weight-only layers; Inductor then fuses the
+remaining element-wise work into its kernels and generates them.
 """
 
 from fp8_compile.passes.fuse_activation_quantization import FuseActivationQuantization
