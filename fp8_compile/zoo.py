@@ -64,13 +64,13 @@ def first_output(out) -> torch.Tensor:
     return (out[0] if isinstance(out, list) else out).float()
 
 
-def _latent_hw(model: nn.Module, res: Resolution, scale: int = 8) -> tuple[int, int]:
+def _latent_hw(res: Resolution, scale: int = 8) -> tuple[int, int]:
     return res.height // scale, res.width // scale
 
 
 def _flux_inputs(model, res, dtype, device):
     cfg = model.config
-    h, w = _latent_hw(model, res, 16)  # 8x VAE, then 2x2 packing
+    h, w = _latent_hw(res, 16)  # 8x VAE, then 2x2 packing
     n, length, b = h * w, res.text_tokens, res.batch
     img_ids = torch.zeros(h, w, 3, device=device)
     img_ids[..., 1] = torch.arange(h, device=device)[:, None]
@@ -89,7 +89,7 @@ def _flux_inputs(model, res, dtype, device):
 
 def _flux2_inputs(model, res, dtype, device):
     cfg = model.config
-    h, w = _latent_hw(model, res, 16)
+    h, w = _latent_hw(res, 16)
     n, length, b = h * w, res.text_tokens, res.batch
     img_ids = torch.zeros(b, h, w, 4, device=device)
     img_ids[..., 1] = torch.arange(h, device=device)[:, None]
@@ -109,7 +109,7 @@ def _flux2_inputs(model, res, dtype, device):
 
 def _qwen_image_inputs(model, res, dtype, device):
     cfg = model.config
-    h, w = _latent_hw(model, res, 16)
+    h, w = _latent_hw(res, 16)
     length, b = res.text_tokens, res.batch
     return dict(
         hidden_states=torch.randn(b, h * w, cfg.in_channels, dtype=dtype, device=device),
@@ -123,7 +123,7 @@ def _qwen_image_inputs(model, res, dtype, device):
 
 def _wan_inputs(model, res, dtype, device):
     cfg = model.config
-    h, w = _latent_hw(model, res, 8)
+    h, w = _latent_hw(res, 8)
     frames = (res.frames - 1) // 4 + 1  # the Wan VAE compresses time 4x
     return dict(
         hidden_states=torch.randn(res.batch, cfg.in_channels, frames, h, w, dtype=dtype, device=device),
@@ -135,7 +135,7 @@ def _wan_inputs(model, res, dtype, device):
 
 def _z_image_inputs(model, res, dtype, device):
     cfg = model.config
-    h, w = _latent_hw(model, res, 8)
+    h, w = _latent_hw(res, 8)
     return dict(
         x=[torch.randn(cfg.in_channels, 1, h, w, dtype=dtype, device=device) for _ in range(res.batch)],
         t=torch.full((res.batch,), 0.5, dtype=dtype, device=device),
@@ -146,7 +146,7 @@ def _z_image_inputs(model, res, dtype, device):
 
 def _hunyuan_video15_inputs(model, res, dtype, device):
     cfg = model.config
-    h, w = _latent_hw(model, res, 16)
+    h, w = _latent_hw(res, 16)
     frames = (res.frames - 1) // 4 + 1
     b, length = res.batch, res.text_tokens
     return dict(
@@ -163,7 +163,7 @@ def _hunyuan_video15_inputs(model, res, dtype, device):
 
 def _glm_image_inputs(model, res, dtype, device):
     cfg = model.config
-    h, w = _latent_hw(model, res, 8)
+    h, w = _latent_hw(res, 8)
     b, tokens = res.batch, (h // cfg.patch_size) * (w // cfg.patch_size)
     return dict(
         hidden_states=torch.randn(b, cfg.in_channels, h, w, dtype=dtype, device=device),
