@@ -121,9 +121,10 @@ class ScaledLinear(nn.Linear):
                 "run the model under torch.no_grad() or torch.inference_mode()"
             )
         if x.dtype == self.weight.dtype:
+            # The module does not know its own name; its shape and mode narrow it down.
             raise RuntimeError(
-                "an FP8 layer received an FP8 input: the model code cast it to the layer's weight "
-                "dtype; keep this layer in BF16 with options={'ignored_layers': [<its name>]}"
+                f"an FP8 layer ({self.extra_repr()}) received an FP8 input: the model code cast it to the "
+                "layer's weight dtype; keep this layer in BF16 with options={'ignored_layers': [<its name>]}"
             )
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> ScaledLinear:
