@@ -18,14 +18,15 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -105,13 +106,11 @@ def prepare(row: str, model: nn.Module) -> tuple[nn.Module, str]:
     mode = "reduce-overhead" if cudagraphs and not row.startswith("omni_fp8") else None
     if row == "bf16_eager":
         return model, "eager"
-    if row.startswith("torchao") and "eager" in parts:
+    if row.startswith("torchao"):
         torchao_convert(model, "row" if "row" in parts else "weightonly" if "weightonly" in parts else "tensor")
-        return model, "eager"
-    if row.startswith("bf16"):
-        backend, options = "inductor", None
-    elif row.startswith("torchao"):
-        torchao_convert(model, "row" if "row" in parts else "weightonly" if "weightonly" in parts else "tensor")
+        if "eager" in parts:
+            return model, "eager"
+    if row.startswith("bf16") or row.startswith("torchao"):
         backend, options = "inductor", None
     elif row.startswith("omni_fp8"):
         # "defaultred": Inductor's own persistent-reduction limit, to measure what ours buys
@@ -288,13 +287,36 @@ def gemm_floor(spec, res: Resolution) -> dict:
     )
 
 
+def write_json(results: dict, path: str) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def run_rows(rows: str, run_row: Callable, row_type: type, results: dict, out: str) -> None:
+    """Runs each row, ``run_row(row, reference) -> (result, output)``, into ``results["rows"]``;
+    the ``bf16_eager`` row's output is the reference of the rows after it. A failing row is
+    reported and the others still run; the JSON is written after every row."""
+    reference = None
+    for row in rows.split(","):
+        try:
+            result, output = run_row(row, reference)
+        except Exception as e:
+            result, output = row_type(row, note=f"failed: {type(e).__name__}: {str(e)[:300]}"), None
+        if row == "bf16_eager" and output is not None:
+            reference = output
+        results["rows"].append(asdict(result))
+        print(json.dumps(asdict(result)), flush=True)
+        write_json(results, out)
+
+
 def warm_compile_seconds(model: str, row: str) -> float:
     """Compile seconds of ``row`` in a fresh process that finds this one's caches (Inductor's
     FX graph and autotuning caches, under TORCHINDUCTOR_CACHE_DIR) filled."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [sys.executable, __file__, "--model", model, "--rows", row, "--warmup", "0", "--iters", "1", "--out", out.name]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        return json.load(open(out.name))["rows"][0]["compile_s"]
+        return json.loads(Path(out.name).read_text())["rows"][0]["compile_s"]
 
 
 def main() -> None:
@@ -324,26 +346,12 @@ def main() -> None:
     if args.floor:
         results["floor"] = gemm_floor(spec, res)
         print("floor", {k: v for k, v in results["floor"].items() if k != "shapes"}, flush=True)
-    reference = None
-    for row in args.rows.split(","):
-        try:
-            result, out = run_row(row, spec, res, reference, args)
-        except Exception as e:  # a failing row is reported, the others still run
-            result, out = Row(row, note=f"failed: {type(e).__name__}: {str(e)[:300]}"), None
-        if row == "bf16_eager" and out is not None:
-            reference = out
-        results["rows"].append(asdict(result))
-        print(json.dumps(asdict(result)), flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=1)
+    run_rows(args.rows, lambda row, reference: run_row(row, spec, res, reference, args), Row, results, args.out)
     for row in results["rows"]:
         if row["name"] in args.warm_compile.split(","):
             row["warm_compile_s"] = warm_compile_seconds(args.model, row["name"])
             print(row["name"], "warm compile s", row["warm_compile_s"], flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(results, args.out)
     floor = results.get("floor", {}).get("floor_ms")
     print(f"\n{'row':34} {'ms':>8} {'compile s':>9} {'weights GB':>10} {'peak GB':>8} {'rel err':>8} {'% floor':>8}")
     for r in results["rows"]:

@@ -18,13 +18,13 @@ import gc
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 import fp8_compile
-from bench_dit import cuda_time_ms, weight_gb
+from bench_dit import cuda_time_ms, run_rows, weight_gb
 
 T5_XXL = dict(
     vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
@@ -115,19 +115,7 @@ def main() -> None:
         attention_mask=torch.ones(1, args.tokens, dtype=torch.long, device="cuda"),
     )
     results = {"env": env, "rows": []}
-    reference = None
-    for row in args.rows.split(","):
-        try:
-            result, out = run_row(row, inputs, reference, args)
-        except Exception as e:  # a failing row is reported, the others still run
-            result, out = Row(row, note=f"failed: {type(e).__name__}: {str(e)[:300]}"), None
-        if row == "bf16_eager" and out is not None:
-            reference = out
-        results["rows"].append(asdict(result))
-        print(json.dumps(asdict(result)), flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=1)
+    run_rows(args.rows, lambda row, reference: run_row(row, inputs, reference, args), Row, results, args.out)
     print(f"\n{'row':16} {'ms':>8} {'compile s':>9} {'weights GB':>10} {'peak GB':>8} {'rel err':>8} {'cosine':>8}")
     for r in results["rows"]:
         print(f"{r['name']:16} {r['ms']:8.2f} {r['compile_s']:9.1f} {r['weight_gb']:10.2f} {r['peak_gb']:8.2f} "
