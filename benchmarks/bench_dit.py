@@ -180,6 +180,8 @@ def classify(kernel: str) -> str:
         return "communication (nccl)"
     if "weight_only" in k:
         return "gemv (weight-only fp8)"
+    if k.startswith("_quantize_rows"):
+        return "quantize (Triton row kernel, with GELU/SiLU)"
     if k.startswith("triton_") and not k.startswith("triton_tem"):
         # Inductor names a kernel after the ops fused into it
         return "quantize (fused into producer)" if "amax" in k or ("clamp" in k and "to_copy" in k) else "other elementwise"
