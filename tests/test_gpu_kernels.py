@@ -1,4 +1,4 @@
-"""The Triton weight-only GEMM against a float64 reference (CUDA only)."""
+"""Triton kernels (weight-only GEMM, row quantization) and the persistent-reduction choice, on CUDA."""
 
 import pytest
 import torch
@@ -43,3 +43,27 @@ def test_quantize_rows_kernel_matches_the_reference(activation, k, k_prefix):
     x[5, 7] = float("nan")
     q, scale = ops.quantize_rows(x, gate, prefix, activation)
     assert torch.isnan(scale[5]).all() and torch.isfinite(scale[[4, 6]]).all()
+
+
+def test_only_reductions_that_write_fp8_are_forced_persistent():
+    """Rows of 5120 (Wan2.2's width): the norm + quantize kernel keeps the row on chip (one
+    pass); a norm that writes BF16 keeps Inductor's choice (forced persistent, Wan2.2's q/k
+    RMSNorm + RoPE ran 22x slower)."""
+    import re
+
+    import torch.nn.functional as F
+    from torch._inductor.utils import run_and_get_code
+
+    x = torch.randn(4096, 5120, device="cuda", dtype=torch.bfloat16)
+
+    def norm_then_quantize(x):
+        return ops.quantize_activation(F.rms_norm(x, (5120,)) * 2, "per_row")
+
+    def norm_only(x):
+        return (F.rms_norm(x, (5120,)) * 2).sin()
+
+    torch._dynamo.reset()
+    _, (code,) = run_and_get_code(torch.compile(norm_then_quantize, backend="omni_fp8"), x)
+    assert re.search(r"def triton_per_\w+", code) and not re.search(r"def triton_red_\w+", code)
+    _, (code,) = run_and_get_code(torch.compile(norm_only, backend="omni_fp8"), x)
+    assert re.search(r"def triton_red_\w+", code) and not re.search(r"def triton_per_\w+", code)
