@@ -45,10 +45,7 @@ class Fp8InductorChoices(InductorChoices):
 
 def writes_fp8(features) -> bool:
     """Whether the kernel stores an FP8 tensor: an activation quantization fused into its producer."""
-    return any(
-        getattr(node, "node", None) is not None and node.node.get_dtype() in FP8_DTYPES
-        for node in features.scheduler_nodes()
-    )
+    return any(node.node.get_dtype() in FP8_DTYPES for node in features.scheduler_nodes())
 
 
 def config_patches(device: torch.device, mode: str | None, cudagraphs: bool) -> dict:

@@ -198,21 +198,22 @@ def test_checkpoint_for_another_model_is_refused(tmp_path):
         load_quantized(flux_skeleton(), tmp_path / "plain")
 
 
-def test_checkpoint_missing_tensors_names_them(tmp_path):
+def write_block_fp8_without(path, name: str) -> None:
+    """A block-FP8 checkpoint of the tiny FLUX with the tensor ``name`` left out."""
     model, _ = build("flux")
-    write_block_fp8(model, tmp_path / "ckpt")
-    tensors = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
-    del tensors["norm_out.linear.bias"]
-    save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"))
+    write_block_fp8(model, path)
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors[name]
+    save_file(tensors, str(path / "model.safetensors"))
+
+
+def test_checkpoint_missing_tensors_names_them(tmp_path):
+    write_block_fp8_without(tmp_path / "ckpt", "norm_out.linear.bias")
     with pytest.raises(ValueError, match=r"lacks tensors of FluxTransformer2DModel: 'norm_out.linear.bias'"):
         load_quantized(flux_skeleton(), tmp_path / "ckpt")
 
 
 def test_checkpoint_missing_scale_of_an_fp8_layer_names_it(tmp_path):
-    model, _ = build("flux")
-    write_block_fp8(model, tmp_path / "ckpt")
-    tensors = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
-    del tensors["transformer_blocks.0.attn.to_q.weight_scale_inv"]
-    save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"))
+    write_block_fp8_without(tmp_path / "ckpt", "transformer_blocks.0.attn.to_q.weight_scale_inv")
     with pytest.raises(ValueError, match=r"ckpt' lacks tensor 'transformer_blocks.0.attn.to_q.weight_scale_inv'"):
         load_quantized(flux_skeleton(), tmp_path / "ckpt")

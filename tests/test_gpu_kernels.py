@@ -1,7 +1,11 @@
 """Triton kernels (weight-only GEMM, row quantization) and the persistent-reduction choice, on CUDA."""
 
+import re
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
 
 from fp8_compile import ops
 
@@ -49,11 +53,6 @@ def test_only_reductions_that_write_fp8_are_forced_persistent():
     """Rows of 5120 (Wan2.2's width): the norm + quantize kernel keeps the row on chip (one
     pass); a norm that writes BF16 keeps Inductor's choice (forced persistent, Wan2.2's q/k
     RMSNorm + RoPE ran 22x slower)."""
-    import re
-
-    import torch.nn.functional as F
-    from torch._inductor.utils import run_and_get_code
-
     x = torch.randn(4096, 5120, device="cuda", dtype=torch.bfloat16)
 
     def norm_then_quantize(x):
