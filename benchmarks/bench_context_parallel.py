@@ -43,6 +43,8 @@ BF16_ROUNDING = 2**-8
 MODELS = ("flux", "wan")
 TIMESTEP_SCALE = {"flux": 1.0, "wan": 1000.0}  # the model's timestep at sigma = 1
 TIMED_SIGMAS = (0.9, 0.7, 0.5, 0.3)
+# The config entries that set the number of blocks, for --depth.
+DEPTH_KEYS = {"flux": ("num_layers", "num_single_layers"), "wan": ("num_layers",)}
 # Ring attention merges partial results by their log-sum-exp, which diffusers' default
 # (native SDPA) backend cannot return.
 RING_ATTENTION_BACKEND = "_native_cudnn"
@@ -56,6 +58,7 @@ class Setup:
     fp8: bool
     gpus: int  # 1, or every rank of the job
     attention: str = ""  # "ulysses" or "ring" when sharded
+    cudagraphs: bool = False  # each compiled block replayed as a CUDA graph
 
 
 @dataclass
@@ -80,6 +83,8 @@ def setups(world: int) -> list[Setup]:
         Setup(f"bf16_{world}gpu_ulysses", fp8=False, gpus=world, attention="ulysses"),
         Setup(f"omni_fp8_{world}gpu_ulysses", fp8=True, gpus=world, attention="ulysses"),
         Setup(f"omni_fp8_{world}gpu_ring", fp8=True, gpus=world, attention="ring"),
+        Setup(f"bf16_{world}gpu_ulysses_cudagraphs", fp8=False, gpus=world, attention="ulysses", cudagraphs=True),
+        Setup(f"omni_fp8_{world}gpu_ulysses_cudagraphs", fp8=True, gpus=world, attention="ulysses", cudagraphs=True),
     ]
 
 
@@ -102,7 +107,8 @@ def build(args: argparse.Namespace, device: torch.device, shared: bool) -> tuple
     """The BF16 model and its inputs, identical on every rank when ``shared``."""
     spec = DITS[args.model]
     torch.manual_seed(0)
-    model = spec.build("full", torch.bfloat16, device)
+    depth = {key: args.depth for key in DEPTH_KEYS[args.model]} if args.depth else {}
+    model = spec.build("full", torch.bfloat16, device, **depth)
     torch.manual_seed(1)
     inputs = spec.inputs(model, RESOLUTIONS[args.model], torch.bfloat16, device)
     if shared:
@@ -112,14 +118,20 @@ def build(args: argparse.Namespace, device: torch.device, shared: bool) -> tuple
 
 def prepare(setup: Setup, model: nn.Module) -> None:
     """Convert (FP8 rows), shard (several-GPU rows) and compile, in that order."""
+    options = {"cudagraphs": True} if setup.cudagraphs else {}
     if setup.fp8:
-        fp8_compile.quantize_(model)  # before enable_parallelism, which hooks proj_out
+        fp8_compile.quantize_(model, options)  # before enable_parallelism, which hooks proj_out
     if setup.attention == "ring":
         model.set_attention_backend(RING_ATTENTION_BACKEND)
     if setup.attention:
         degree = {f"{setup.attention}_degree": setup.gpus}
         model.enable_parallelism(config=ContextParallelConfig(**degree))
-    model.compile_repeated_blocks(backend="omni_fp8" if setup.fp8 else "inductor")
+    if setup.fp8:
+        model.compile_repeated_blocks(backend="omni_fp8", options=options)
+    else:
+        model.compile_repeated_blocks(backend="inductor", mode="reduce-overhead" if setup.cudagraphs else None)
+    if setup.cudagraphs:
+        fp8_compile.mark_cudagraph_steps(model)  # one CUDA-graph generation per forward
 
 
 def slowest(value: float) -> float:
@@ -152,11 +164,16 @@ def measure(setup: Setup, args: argparse.Namespace, device: torch.device) -> tup
         result.ms = cuda_time_ms(lambda: model(**next(steps)), args.warmup, args.iters)
         result.graphs_after_steps = counters["stats"]["unique_graphs"]
         result.graph_breaks = sum(counters["graph_break"].values())
+        # Time for the call to return with an empty launch queue: near result.ms, the GPU waits on the host.
+        start = time.perf_counter()
+        model(**inputs)
+        result.extra["host_ms"] = (time.perf_counter() - start) * 1e3
+        torch.cuda.synchronize()
         result.weight_gb = weight_gb(model)
         result.peak_gb = torch.cuda.max_memory_allocated() / 1e9
         out = first_output(model(**inputs)).cpu()
         if setup.name in args.profile.split(","):
-            result.extra["breakdown_ms"] = profile_breakdown(lambda: model(**inputs))
+            result.extra["breakdown_ms"] = profile_breakdown(lambda: model(**inputs), host_calls=True)
     if setup.gpus > 1:
         result.ms, result.compile_s, result.peak_gb = (slowest(v) for v in (result.ms, result.compile_s, result.peak_gb))
     del model, inputs
@@ -174,7 +191,9 @@ def agreement(outputs: dict[str, torch.Tensor], world: int) -> dict[str, dict]:
     pairs = {
         f"omni_fp8_{world}gpu_ulysses": "omni_fp8_1gpu",
         f"omni_fp8_{world}gpu_ring": "omni_fp8_1gpu",
+        f"omni_fp8_{world}gpu_ulysses_cudagraphs": "omni_fp8_1gpu",
         f"bf16_{world}gpu_ulysses": "bf16_1gpu",
+        f"bf16_{world}gpu_ulysses_cudagraphs": "bf16_1gpu",
     }
     checks = {}
     for row, reference in pairs.items():
@@ -183,7 +202,12 @@ def agreement(outputs: dict[str, torch.Tensor], world: int) -> dict[str, dict]:
     # FP8 rounding turns the BF16-level differences of a sharded run (other GEMM shapes, attention
     # split across ranks) into whole FP8 steps, so the several-GPU FP8 output is also judged by
     # its error against BF16, which should equal the one-GPU FP8 row's.
-    for row in ("omni_fp8_1gpu", f"omni_fp8_{world}gpu_ulysses", f"omni_fp8_{world}gpu_ring"):
+    for row in (
+        "omni_fp8_1gpu",
+        f"omni_fp8_{world}gpu_ulysses",
+        f"omni_fp8_{world}gpu_ring",
+        f"omni_fp8_{world}gpu_ulysses_cudagraphs",
+    ):
         checks[f"{row} vs bf16_1gpu"] = {"rel_err": rel_error(outputs.get(row), outputs.get("bf16_1gpu"))}
     return checks
 
@@ -196,6 +220,7 @@ def environment(args: argparse.Namespace, world: int) -> dict:
         date=time.strftime("%Y-%m-%d"), model=DITS[args.model].class_name,
         resolution=asdict(RESOLUTIONS[args.model]), compile="regional (compile_repeated_blocks)",
         nccl_env={name: os.environ.get(name) for name in NCCL_ENV},
+        blocks_kept=args.depth or "all",
     )
 
 
@@ -224,6 +249,7 @@ def main() -> None:
     parser.add_argument("--model", default="flux", choices=MODELS)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--depth", type=int, default=0, help="keep only this many blocks of each kind (0: all), to compare outputs block by block")
     parser.add_argument("--rows", default="", help="comma-separated row names to run (default: all)")
     parser.add_argument("--profile", default="", help="comma-separated rows to break down with torch.profiler (rank 0's GPU time)")
     parser.add_argument("--out", required=True, help="JSON file to write (under $OUT on the GPU machine)")
@@ -253,6 +279,9 @@ def main() -> None:
                 json.dump(results, f, indent=1)
             print_summary(results)
     finally:
+        # The CUDA graphs of the last row hold NCCL work; freed first, the group closes cleanly.
+        torch._dynamo.reset()
+        torch.cuda.synchronize()
         dist.destroy_process_group()
 
 

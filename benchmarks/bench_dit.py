@@ -133,10 +133,7 @@ def prepare(row: str, model: nn.Module) -> tuple[nn.Module, str]:
     if style == "regional":
         model.compile_repeated_blocks(fullgraph=True, **kwargs)
         if cudagraphs:
-            # CUDA-graph trees start a new generation at every entry into compiled code, so each
-            # block would replay the first block's graph over the outputs it is reading; once
-            # steps are marked, a generation is one forward and the blocks record one path.
-            model.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
+            fp8_compile.mark_cudagraph_steps(model)  # one CUDA-graph generation per forward
         return model, f"regional {kwargs}"
     return torch.compile(model, **kwargs), f"whole {kwargs}"
 
@@ -192,7 +189,9 @@ def classify(kernel: str) -> str:
     return "other elementwise"
 
 
-def profile_breakdown(fn) -> dict[str, float]:
+def profile_breakdown(fn, host_calls: bool = False) -> dict[str, float]:
+    """GPU time per kernel category of one call of ``fn``; with ``host_calls``, also the host
+    (CPU) calls that took the most time, to tell a launch-bound call from one that waits."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -203,7 +202,8 @@ def profile_breakdown(fn) -> dict[str, float]:
     fn()
     host_ms = (time.perf_counter() - start) * 1e3
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host_calls else [])
+    with profile(activities=activities) as prof:
         fn()
         torch.cuda.synchronize()
     totals: dict[str, float] = defaultdict(float)
@@ -220,6 +220,9 @@ def profile_breakdown(fn) -> dict[str, float]:
     result["host_ms"] = round(host_ms, 3)
     result["kernel_counts"] = dict(counts)
     result["top_kernels"] = {k[:120]: round(v, 3) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:25]}
+    if host_calls:
+        host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:25]
+        result["top_host_calls"] = {e.key[:120]: [round(e.self_cpu_time_total / 1e3, 3), e.count] for e in host}
     return result
 
 

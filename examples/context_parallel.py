@@ -1,6 +1,6 @@
 """A full-size DiT in FP8 on several GPUs: omni_fp8 with diffusers' context parallelism.
 
-    torchrun --nproc-per-node 2 examples/context_parallel.py --model flux --steps 4
+    torchrun --nproc-per-node 2 examples/context_parallel.py --model flux --steps 4 --cudagraphs
     torchrun --nproc-per-node 2 examples/context_parallel.py --model wan --cp ring
 
 One process per GPU. Every rank builds the same transformer (FLUX.1-dev or one Wan2.2-A14B
@@ -8,7 +8,9 @@ expert, random weights from one seed), and then, in this order:
 
 1. converts its weights to FP8 with ``fp8_compile.quantize_`` (once per rank);
 2. shards the sequence over the ranks with ``enable_parallelism(ContextParallelConfig(...))``;
-3. compiles with ``backend="omni_fp8"`` (regional by default, or the whole model);
+3. compiles with ``backend="omni_fp8"`` (regional by default, or the whole model), with
+   ``--cudagraphs`` replaying each compiled block as a CUDA graph: under Ulysses attention the
+   host, not the GPU, sets the pace without them (docs/multi_gpu.md has the figures);
 
 and runs a few Euler steps of a flow-matching denoising loop on random latents. Rank 0 prints
 the quantization report, the time of each step and the peak memory. docs/multi_gpu.md says why
@@ -45,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", choices=sorted(MODELS), default="flux")
     parser.add_argument("--cp", choices=["ulysses", "ring"], default="ulysses", help="how attention is sharded")
     parser.add_argument("--compile", choices=["regional", "whole"], default="regional")
+    parser.add_argument("--cudagraphs", action="store_true", help="replay the compiled graphs as CUDA graphs")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--frames", type=int, help="video frames (wan; default 81)")
     parser.add_argument("--ignored-layers", default="", help="comma-separated patterns kept in BF16")
@@ -71,7 +74,7 @@ def build_fp8_parallel(args: argparse.Namespace, device: torch.device) -> tuple[
     torch.manual_seed(args.seed + 1)
     inputs = spec.inputs(model, resolution, torch.bfloat16, device)
 
-    options = {"ignored_layers": [p for p in args.ignored_layers.split(",") if p]}
+    options = {"ignored_layers": [p for p in args.ignored_layers.split(",") if p], "cudagraphs": args.cudagraphs}
     report = fp8_compile.quantize_(model, options)  # before enable_parallelism: see docs/multi_gpu.md
     if args.cp == "ring":
         model.set_attention_backend(RING_ATTENTION_BACKEND)
@@ -83,6 +86,8 @@ def build_fp8_parallel(args: argparse.Namespace, device: torch.device) -> tuple[
     if args.compile == "whole":
         return torch.compile(model, backend="omni_fp8", options=options), inputs
     model.compile_repeated_blocks(backend="omni_fp8", options=options)
+    if args.cudagraphs:
+        fp8_compile.mark_cudagraph_steps(model)  # one CUDA-graph generation per forward, not per block
     return model, inputs
 
 

@@ -10,6 +10,7 @@ import logging
 
 from fp8_compile.config import DEFAULT_CONDITIONING_LAYERS, Fp8Config
 from fp8_compile.convert import quantize_
+from fp8_compile.cudagraphs import mark_cudagraph_steps
 from fp8_compile.modules import ScaledLinear
 from fp8_compile.omni import Omni, OmniDiffusionSamplingParams
 from fp8_compile.report import Decision, LayerReport, QuantizationReport, quantization_report
@@ -35,6 +36,7 @@ __all__ = [
     "OmniDiffusionSamplingParams",
     "QuantizationReport",
     "ScaledLinear",
+    "mark_cudagraph_steps",
     "quantization_report",
     "quantize_",
     "validate",

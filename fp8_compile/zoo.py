@@ -34,11 +34,14 @@ class DiTSpec:
     full: dict[str, Any]
     make_inputs: Callable[[nn.Module, Resolution, torch.dtype, torch.device], dict[str, Any]]
 
-    def build(self, size: str = "tiny", dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> nn.Module:
+    def build(
+        self, size: str = "tiny", dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", **overrides
+    ) -> nn.Module:
+        """The model of ``size`` ("tiny" or "full"), with ``overrides`` replacing config entries."""
         import diffusers
 
         cls = getattr(diffusers, self.class_name)
-        config = self.tiny if size == "tiny" else self.full
+        config = {**(self.tiny if size == "tiny" else self.full), **overrides}
         # Built in its dtype: a full-size model never exists in float32 (Qwen-Image's 20B
         # parameters would take 82 GB), and construction is twice as fast.
         default_dtype = torch.get_default_dtype()

@@ -19,7 +19,7 @@ from fp8_compile import Decision, ScaledLinear
 from fp8_compile.passes import source_module_path
 from fp8_compile.zoo import DITS, Resolution
 
-from conftest import DEVICES, build, first_output, rel_error, unique_graphs
+from conftest import CUDA, DEVICES, build, first_output, rel_error, unique_graphs
 
 BLOCKS_ONLY = ["re:^(?!transformer_blocks|single_transformer_blocks).*"]  # keep the outer layers BF16
 
@@ -196,6 +196,41 @@ def test_regional_compile_uses_each_blocks_own_weights(tiny_flux_fp32):
     fp8_compile.quantize_(copy_for_control)
     torch._dynamo.reset()
     assert _regional_error(copy_for_control, inputs, _bake_first_block_weights) > 0.1
+
+
+@pytest.mark.parametrize("mark_steps", [True, False])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=CUDA)])
+def test_regional_cuda_graphs_need_one_step_per_forward(device, mark_steps):
+    """Regional compile with cudagraphs=True over denoising steps (new timesteps): with
+    mark_cudagraph_steps each step equals the same FP8 model compiled without CUDA graphs (the
+    same kernels) and nothing recompiles. Without it the trees start a generation per block and
+    the forward fails or goes wrong, which is why the helper exists."""
+    model, inputs = build("flux", device=device)
+    with_graphs = copy.deepcopy(model)
+    steps = [{**inputs, "timestep": torch.full_like(inputs["timestep"], t)} for t in (0.9, 0.6, 0.3)]
+    with torch.no_grad():
+        fp8_compile.quantize_(model)
+        model.compile_repeated_blocks(backend="omni_fp8")
+        expected = [first_output(model(**step)) for step in steps]
+        torch._dynamo.reset()
+        fp8_compile.quantize_(with_graphs, {"cudagraphs": True})
+        with_graphs.compile_repeated_blocks(backend="omni_fp8", options={"cudagraphs": True})
+        if mark_steps:
+            fp8_compile.mark_cudagraph_steps(with_graphs)
+        try:
+            rounds = [[first_output(with_graphs(**step)) for step in steps]]  # warm-up
+            graphs = unique_graphs()
+            rounds += [[first_output(with_graphs(**step)) for step in steps] for _ in range(2)]  # record, replay
+        except RuntimeError:
+            assert not mark_steps
+            return
+    errors = [rel_error(out, ref) for outs in rounds for out, ref in zip(outs, expected)]
+    assert rel_error(expected[0], expected[2]) > 0.01  # the steps differ, so a stale replay shows
+    if mark_steps:
+        assert max(errors) < 1e-3, errors
+        assert unique_graphs() == graphs  # nothing recompiled over the steps
+    else:
+        assert max(errors) > 1e-3, errors
 
 
 def test_regional_compile_converts_every_block_on_first_use(tiny_flux_fp32):
