@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from fp8_compile.config import Fp8Config
 from fp8_compile.modules import ScaledLinear
-from fp8_compile.ops import AMAX_FLOOR, FP8_DTYPE, FP8_MAX
+from fp8_compile.ops import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, weight_row_chunks
 from fp8_compile.report import Decision
 
 if TYPE_CHECKING:
@@ -48,19 +48,30 @@ def describe_blocks(plans: list[LayerPlan], config: Fp8Config) -> None:
 def quantize_weight_blocks(weight: torch.Tensor, block_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] weight -> (FP8 weight [N, K], float32 scales [ceil(N/bn), ceil(K/bk)]).
 
-    Raises ValueError on a non-finite weight, which no scale can represent.
+    Works through whole rows of blocks, about WEIGHT_CHUNK_ELEMENTS at a time (see
+    ``ops.quantize_weight``). Raises ValueError on a non-finite weight, which no scale can represent.
     """
     bn, bk = block_size
     n, k = weight.shape
+    quantized = torch.empty((n, k), dtype=FP8_DTYPE, device=weight.device)
+    scale = torch.empty((num_blocks(n, bn), num_blocks(k, bk)), dtype=torch.float32, device=weight.device)
+    for rows in weight_row_chunks(n, scale.shape[1] * bk, multiple=bn):
+        quantized[rows], scale[rows.start // bn : num_blocks(rows.stop, bn)] = _quantize_block_rows(weight.detach()[rows], block_size)
+    return quantized, scale
+
+
+def _quantize_block_rows(rows: torch.Tensor, block_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of :func:`quantize_weight_blocks`: [n, K] rows -> (FP8 [n, K], [ceil(n/bn), ceil(K/bk)])."""
+    bn, bk = block_size
+    n, k = rows.shape
     nb, kb = num_blocks(n, bn), num_blocks(k, bk)
-    padded = F.pad(weight.detach().float(), (0, kb * bk - k, 0, nb * bn - n))
-    blocks = padded.view(nb, bn, kb, bk)
+    blocks = F.pad(rows.float(), (0, kb * bk - k, 0, nb * bn - n)).view(nb, bn, kb, bk)  # a copy
     amax = blocks.abs().amax(dim=(1, 3))
     if not torch.isfinite(amax).all():
         raise ValueError("weight contains Inf or NaN")
     scale = amax.clamp_min(AMAX_FLOOR) / FP8_MAX
-    quantized = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return quantized.view(nb * bn, kb * bk)[:n, :k].contiguous(), scale
+    quantized = blocks.div_(scale[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return quantized.view(nb * bn, kb * bk)[:n, :k], scale
 
 
 def quantize_activation_groups(x: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:

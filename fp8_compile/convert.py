@@ -25,7 +25,7 @@ from fp8_compile.activation_scales import assign_static_scales
 from fp8_compile.blockwise import BlockScaledLinear, describe_blocks
 from fp8_compile.config import DEFAULT_TOWER_LAYERS, DTYPE_READ_LAYERS, Fp8Config
 from fp8_compile.modules import ScaledLinear
-from fp8_compile.ops import CONVERTIBLE_DTYPES, GEMM_ALIGNMENT
+from fp8_compile.ops import CONVERTIBLE_DTYPES, GEMM_ALIGNMENT, all_finite
 from fp8_compile.moe import EXPERT_WEIGHTS, apply_expert_plans, is_experts_module, plan_experts
 from fp8_compile.patterns import LayerPattern, LayerPatterns, closest_names
 from fp8_compile.report import (
@@ -108,7 +108,7 @@ def plan_layers(named_modules: Iterable[tuple[str, nn.Module]], config: Fp8Confi
         decision, reason = _decide(name, module, config, ignored, conditioning)
         if decision is not Decision.BF16 and id(module.weight) in tied:
             decision, reason = Decision.BF16, "weight tied to another module"
-        if decision is not Decision.BF16 and not torch.isfinite(module.weight).all():
+        if decision is not Decision.BF16 and not all_finite(module.weight):
             raise ValueError(
                 f"omni_fp8: layer {name!r} has Inf or NaN in its weight, which FP8 cannot scale; "
                 f"repair the checkpoint or keep the layer in BF16 with ignored_layers=[{name!r}]"

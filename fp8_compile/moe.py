@@ -91,7 +91,7 @@ def plan_experts(named_modules: Iterable[tuple[str, nn.Module]], config: Fp8Conf
             full_name = f"{name}.{weight_name}"
             weight = getattr(module, weight_name)
             decision, reason = _decide(full_name, weight, ignored, towers)
-            if decision is Decision.FP8 and not torch.isfinite(weight).all():
+            if decision is Decision.FP8 and not ops.all_finite(weight):
                 raise ValueError(
                     f"omni_fp8: expert weight {full_name!r} has Inf or NaN, which FP8 cannot scale; "
                     f"repair the checkpoint or keep it in BF16 with ignored_layers=[{full_name!r}]"

@@ -18,6 +18,10 @@ CONVERTIBLE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 GEMM_ALIGNMENT = 16  # FP8 GEMMs need K and N to be multiples of 16
 # Floor for an amax so that an all-zero row or tensor gets a tiny scale instead of 0 (0/0 = NaN).
 AMAX_FLOOR = 1e-12
+# Weights are quantized this many elements at a time, so that the float32 working copies (up to
+# 12 bytes per element of a chunk) stay small: done whole, Wan2.2's time_proj (5120 x 30720)
+# needed 2 GB on top of the model during conversion.
+WEIGHT_CHUNK_ELEMENTS = 1 << 22
 
 
 def _amax(t: torch.Tensor, granularity: str, dim: int) -> torch.Tensor:
@@ -27,17 +31,40 @@ def _amax(t: torch.Tensor, granularity: str, dim: int) -> torch.Tensor:
     return t.amax(dim=dim, keepdim=True) if granularity == "per_row" else t.amax()
 
 
+def weight_row_chunks(rows: int, columns: int, multiple: int = 1) -> list[slice]:
+    """Row ranges of a [rows, columns] weight of about WEIGHT_CHUNK_ELEMENTS each, every range
+    but the last a multiple of ``multiple`` rows (a weight block's height)."""
+    step = multiple * max(1, WEIGHT_CHUNK_ELEMENTS // (columns * multiple))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def all_finite(weight: torch.Tensor) -> bool:
+    """Whether a [..., N, K] weight has no Inf or NaN, checked chunk by chunk (``torch.isfinite``
+    of a whole weight makes temporaries of 5 bytes per element)."""
+    rows = weight.detach().flatten(0, -2)
+    return all(bool(torch.isfinite(rows[chunk]).all()) for chunk in weight_row_chunks(*rows.shape))
+
+
 def quantize_weight(weight: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] weight -> (FP8 weight [N, K], float32 scale: [N, 1] per row, [] per tensor).
 
-    Raises ValueError on a non-finite weight, which no scale can represent.
+    Works through the weight in row chunks (WEIGHT_CHUNK_ELEMENTS), so converting a large layer
+    needs little memory beyond its FP8 copy. Raises ValueError on a non-finite weight, which no
+    scale can represent.
     """
-    w = weight.detach().float()
-    amax = _amax(w, granularity, dim=1)
+    w = weight.detach()
+    chunks = weight_row_chunks(*w.shape)
+    amaxes = [_amax(w[rows], granularity, dim=1) for rows in chunks]
+    amax = torch.cat(amaxes) if granularity == "per_row" else torch.stack(amaxes).amax()
     if not torch.isfinite(amax).all():
         raise ValueError("weight contains Inf or NaN")
     scale = amax.clamp_min(AMAX_FLOOR) / FP8_MAX
-    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    quantized = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
+    for rows in chunks:
+        chunk_scale = scale[rows] if granularity == "per_row" else scale
+        scaled = w[rows].to(torch.float32, copy=True).div_(chunk_scale).clamp_(-FP8_MAX, FP8_MAX)
+        quantized[rows] = scaled.to(FP8_DTYPE)
+    return quantized, scale
 
 
 def quantize_activation(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
