@@ -34,7 +34,11 @@ import torch.nn.functional as F
 
 import fp8_compile
 import fp8_compile.inductor
+from fp8_compile.backend import FP8_PASSES
+from fp8_compile.passes import RealRotaryEmbedding
 from fp8_compile.zoo import DITS, Resolution, first_output
+
+ALL_PASSES = list(FP8_PASSES.passes)
 
 RESOLUTIONS = {
     "flux": Resolution(1024, 1024, text_tokens=512),
@@ -115,6 +119,8 @@ def prepare(row: str, model: nn.Module) -> tuple[nn.Module, str]:
     elif row.startswith("omni_fp8"):
         # "defaultred": Inductor's own persistent-reduction limit, to measure what ours buys
         fp8_compile.inductor.PERSISTENT_REDUCTION_LIMIT = 0 if "defaultred" in parts else 4096 if "p4k" in parts else 16384
+        # "complexrope": without the pass that writes complex rotary embeddings in real arithmetic
+        FP8_PASSES.passes = [p for p in ALL_PASSES if "complexrope" not in parts or not isinstance(p, RealRotaryEmbedding)]
         options = {
             "granularity": "per_tensor" if "tensor" in parts else "per_row",
             "fast_accum": "exact" not in parts,

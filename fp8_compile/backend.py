@@ -39,6 +39,7 @@ from fp8_compile.passes import (
     MatchLinearLayers,
     PassManager,
     QuantizeLinear,
+    RealRotaryEmbedding,
     ShareActivationQuantization,
     UseWeightOnlyWithoutFp8Gemm,
     linear_args,
@@ -49,6 +50,7 @@ logger = logging.getLogger("fp8_compile")
 FP8_PASSES = PassManager(
     [
         UseWeightOnlyWithoutFp8Gemm(),  # lower: no FP8 GEMM on this device -> weight-only
+        RealRotaryEmbedding(),  # fuse: complex rotary embeddings as real arithmetic Inductor can fuse
         QuantizeLinear(),  # quantize: activation-quantize + scaled-mm nodes
         LowerBlockScaledLinear(),  # quantize: block-FP8 layers -> group-quantize + block-scaled GEMM
         ShareActivationQuantization(),  # fuse: one quantization per activation read by several layers

@@ -1,7 +1,7 @@
 """The graph passes of omni_fp8, one transformation per module (installed as ``fp8_compile.passes``).
 
 The backend applies them in this order: match -> (lower to weight-only where the device has no
-FP8 GEMM) -> quantize -> lower block-scaled layers -> share activation quantization -> fuse
+FP8 GEMM) -> rotary embeddings in real arithmetic -> quantize -> lower block-scaled layers -> share activation quantization -> fuse
 activation functions into the quantization -> lower weight-only layers; Inductor then fuses the
 remaining element-wise work into its kernels and generates them.
 """
@@ -21,6 +21,7 @@ from fp8_compile.passes.lower_weight_only import LowerWeightOnly, UseWeightOnlyW
 from fp8_compile.passes.match_layers import MatchLinearLayers
 from fp8_compile.passes.pass_manager import GraphPass, PassManager
 from fp8_compile.passes.quantize_linear import QuantizeLinear
+from fp8_compile.passes.real_rotary import RealRotaryEmbedding
 from fp8_compile.passes.share_activation_quantization import ShareActivationQuantization
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "MatchLinearLayers",
     "PassManager",
     "QuantizeLinear",
+    "RealRotaryEmbedding",
     "ShareActivationQuantization",
     "UseWeightOnlyWithoutFp8Gemm",
     "linear_args",

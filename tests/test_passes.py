@@ -1,5 +1,6 @@
 """The FP8 passes on a traced tiny FLUX, as the backend runs them (before Inductor)."""
 
+import pytest
 import torch
 
 import fp8_compile
@@ -7,8 +8,9 @@ from fp8_compile import Decision, ops
 from fp8_compile.backend import FP8_PASSES
 from fp8_compile.config import Fp8Config
 from fp8_compile.passes import Fp8Graph, Lowering, MatchLinearLayers
+from fp8_compile.passes.real_rotary import rotate_pairs
 
-from conftest import build
+from conftest import build, first_output, rel_error
 
 
 def traced_after_passes(model, inputs, config=Fp8Config(), lowering=Lowering.W8A8):
@@ -53,3 +55,36 @@ def test_weight_only_lowering_turns_every_layer_weight_only():
     graph = traced_after_passes(model, inputs, lowering=Lowering.WEIGHT_ONLY)
     assert count(graph, ops.fp8_matmul) == 0
     assert count(graph, ops.weight_only_linear) == report.num_quantized
+
+
+@pytest.mark.parametrize("name, rotations", [("qwen_image", 8), ("z_image", 8)])
+def test_complex_rotary_embeddings_become_real_arithmetic(name, rotations):
+    """Inductor cannot fuse complex multiplies; the pass writes them on real and imaginary parts.
+    The graph then holds no complex product, and computes what the eager model computes (float32:
+    FP8 rounding of equal inputs is equal, so 1e-5 is far below one FP8 step)."""
+    model, inputs = build(name, dtype=torch.float32)
+    fp8_compile.quantize_(model)
+    with torch.no_grad():
+        expected = first_output(model(**inputs))
+    graphs, outputs = [], []
+
+    def passes_only(gm, example_inputs):
+        graph = Fp8Graph(gm, list(example_inputs), Fp8Config(), torch.device("cpu"), Lowering.W8A8)
+        MatchLinearLayers()(graph)
+        FP8_PASSES(graph)
+        graphs.append(graph)
+        return gm.forward
+
+    with torch.no_grad():
+        outputs = first_output(torch.compile(model, backend=passes_only)(**inputs))
+    assert sum(count(graph, torch.view_as_complex) for graph in graphs) == 0
+    # queries and keys of every attention: Qwen-Image 2 blocks x (image, text), Z-Image 4 attentions
+    assert sum(count(graph, rotate_pairs) for graph in graphs) == rotations
+    assert rel_error(outputs, expected) < 1e-5
+
+
+def test_rotate_pairs_is_the_complex_product():
+    pairs = torch.randn(2, 5, 3, 8, 2)
+    freqs = torch.polar(torch.ones(5, 1, 8), torch.rand(5, 1, 8) * 6.28)
+    expected = torch.view_as_real(torch.view_as_complex(pairs) * freqs)
+    torch.testing.assert_close(rotate_pairs(pairs, freqs), expected, rtol=1e-6, atol=1e-6)
