@@ -56,7 +56,8 @@ def quantize_weight_blocks(weight: torch.Tensor, block_size: tuple[int, int]) ->
     quantized = torch.empty((n, k), dtype=FP8_DTYPE, device=weight.device)
     scale = torch.empty((num_blocks(n, bn), num_blocks(k, bk)), dtype=torch.float32, device=weight.device)
     for rows in weight_row_chunks(n, scale.shape[1] * bk, multiple=bn):
-        quantized[rows], scale[rows.start // bn : num_blocks(rows.stop, bn)] = _quantize_block_rows(weight.detach()[rows], block_size)
+        block_rows = slice(rows.start // bn, num_blocks(rows.stop, bn))
+        quantized[rows], scale[block_rows] = _quantize_block_rows(weight.detach()[rows], block_size)
     return quantized, scale
 
 
