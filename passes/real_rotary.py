@@ -24,10 +24,14 @@ _MUL = (operator.mul, torch.mul)
 
 
 def rotate_pairs(pairs: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """``view_as_real(view_as_complex(pairs) * freqs)`` for real ``pairs`` [..., 2] and complex ``freqs``."""
-    real, imag = pairs.unbind(-1)
+    """``view_as_real(view_as_complex(pairs) * freqs)`` for real ``pairs`` [..., 2] and complex ``freqs``.
+
+    As ``pairs * [cos, cos] + swapped pairs * [-sin, sin]`` rather than stacking the real and
+    imaginary results: the same products and sums, and Inductor's fused norm + rotation kernel
+    on Qwen-Image takes 5.2 ms instead of 6.0 (H100, `..._qwen_image_rotary_variants.json`).
+    """
     cos, sin = torch.view_as_real(freqs).unbind(-1)
-    return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    return pairs * torch.stack([cos, cos], dim=-1) + pairs.flip(-1) * torch.stack([-sin, sin], dim=-1)
 
 
 def _is_complex(node) -> bool:
