@@ -279,7 +279,8 @@ def main() -> None:
                 json.dump(results, f, indent=1)
             print_summary(results)
     finally:
-        # The CUDA graphs of the last row hold NCCL work; freed first, the group closes cleanly.
+        # A run whose last row held CUDA graphs (with NCCL work captured) once hung at exit; with
+        # the graphs freed first, every later run closed its process group cleanly.
         torch._dynamo.reset()
         torch.cuda.synchronize()
         dist.destroy_process_group()

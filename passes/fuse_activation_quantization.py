@@ -14,20 +14,17 @@ Per-tensor scaling needs a global amax first and is left to Inductor.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 from fp8_compile import ops
-from fp8_compile.passes.graph import Fp8Graph
+from fp8_compile.passes.graph import MUL_TARGETS, Fp8Graph
 from fp8_compile.passes.pass_manager import GraphPass
 from fp8_compile.passes.quantize_linear import restore_leading_dims
 
 _GELU = (F.gelu,)  # the same object as torch._C._nn.gelu
 _SILU = (F.silu,)
-_MUL = (operator.mul, torch.mul)
 _CAT = (torch.cat, torch.concat)
 
 
@@ -57,7 +54,7 @@ def _activation_of(node: fx.Node, user: fx.Node) -> tuple[fx.Node, fx.Node | Non
     if node.target in _GELU:
         approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
         return node.args[0], None, "gelu_tanh" if approximate == "tanh" else "gelu"
-    if node.target in _MUL and len(node.args) == 2:
+    if node.target in MUL_TARGETS and len(node.args) == 2:
         for silu, gate in (node.args, node.args[::-1]):
             if isinstance(silu, fx.Node) and silu.op == "call_function" and silu.target in _SILU and _only_user(silu, node):
                 if not silu.kwargs.get("inplace", False) and isinstance(gate, fx.Node):

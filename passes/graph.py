@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -14,6 +15,7 @@ from fp8_compile.config import Fp8Config
 
 # How a linear layer appears in a graph that Dynamo traced.
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
+MUL_TARGETS = (operator.mul, torch.mul)
 SCALED_LINEAR = torch.ops.fp8_compile.scaled_linear.default
 WEIGHT_ONLY_LINEAR = torch.ops.fp8_compile.weight_only_scaled_linear.default
 
