@@ -3,11 +3,13 @@
     python benchmarks/bench_weight_only.py --out $OUT/weight_only_gemm.json
 
 For each (M, K, N) of one FLUX.1-dev forward at 1024x1024 (M = 4608 tokens; M = 1 for the
-conditioning GEMVs): BF16 ``F.linear`` (cuBLAS), ``fp8_compile``'s Triton weight-only kernel
-(FP8 weight converted tile by tile inside the GEMM) and a dequantize-then-matmul (the
-full-size BF16 copy the weight-only kernel avoids). Each is timed as GPU time per call: the
-calls, one per copy of the weight (so that weights are read from HBM, as in the model), are
-captured in a CUDA graph, and its replays timed with CUDA events (median).
+conditioning GEMVs), and for fewer rows at two of its shapes: BF16 ``F.linear`` (cuBLAS);
+``fp8_compile``'s Triton weight-only kernel (each FP8 weight tile converted inside the GEMM);
+cuBLAS on weight slices dequantized one at a time (``dequantized_chunks_mm``) with slices of
+8M, 32M elements or the whole weight; and ``weight_only_linear``, which picks between them by
+the row count, as the model does. Each is timed as GPU time per call: the calls, one per copy
+of the weight (so that weights are read from HBM, as in the model), are captured in a CUDA
+graph, and its replays timed with CUDA events (median).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fp8_compile.ops import quantize_weight
+from fp8_compile import ops
 from fp8_compile.triton_kernels import weight_only_mm
 
 # (M, K, N): the block GEMMs at 4608 tokens, then the modulation GEMVs of one image
@@ -32,6 +34,9 @@ FLUX_SHAPES = [
     (4608, 3072, 3072), (4608, 3072, 9216), (4608, 3072, 12288), (4608, 12288, 3072), (4608, 15360, 3072),
     (1, 3072, 18432), (1, 3072, 9216), (1, 3072, 6144),
 ]
+# fewer rows (short sequences, text encoders): where reading half the weight bytes starts to lose
+ROW_SWEEP = [(m, 3072, n) for n in (3072, 12288) for m in (256, 512, 1024, 2048)]
+CHUNK_BUDGETS = {"8M": 1 << 23, "32M": 1 << 25, "whole": 1 << 40}
 ROTATE_BYTES = 256 * 2**20  # FP8 weight bytes cycled through per shape: ~5x the H100's 50 MB L2
 
 
@@ -57,6 +62,11 @@ def graph_time_ms(calls: list[Callable[[], torch.Tensor]], replays: int = 20) ->
     return statistics.median(times)
 
 
+def chunked(budget: int, *args) -> torch.Tensor:
+    ops.DEQUANTIZED_CHUNK_ELEMENTS = budget
+    return ops.dequantized_chunks_mm(*args)
+
+
 def measure(m: int, k: int, n: int) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
@@ -64,23 +74,27 @@ def measure(m: int, k: int, n: int) -> dict:
     # come from HBM as they do in the model, not from L2.
     copies = max(2, -(-ROTATE_BYTES // (n * k)))
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-    quantized = [quantize_weight(w, "per_row") for w in weights]
+    quantized = [ops.quantize_weight(w, "per_row") for w in weights]
     w_fp8, w_scale = quantized[0]
     reference = F.linear(x.float(), (w_fp8.float() * w_scale.float()), bias.float())
-    out = weight_only_mm(x, w_fp8, w_scale, bias)
-    timings = {
-        "bf16": graph_time_ms([partial(F.linear, x, w, bias) for w in weights]),
-        "weight_only_fp8": graph_time_ms([partial(weight_only_mm, x, w, s, bias) for w, s in quantized]),
-        "dequantize_then_mm": graph_time_ms([partial(dequantize_then_mm, x, w, s, bias) for w, s in quantized]),
+    forms = {
+        "bf16": [partial(F.linear, x, w, bias) for w in weights],
+        "triton_weight_only": [partial(weight_only_mm, x, w, s, bias) for w, s in quantized],
+        **{
+            f"dequantized_chunks_{name}": [partial(chunked, budget, x, w, s, bias) for w, s in quantized]
+            for name, budget in CHUNK_BUDGETS.items()
+        },
     }
-    row = {"m": m, "k": k, "n": n, "weight_copies": copies, **{f"{name}_ms": round(t, 4) for name, t in timings.items()}}
-    row["weight_only_vs_bf16"] = round(timings["bf16"] / timings["weight_only_fp8"], 3)
-    row["rel_err"] = round(((out.float() - reference).norm() / reference.norm()).item(), 5)
+    row = {"m": m, "k": k, "n": n, "weight_copies": copies}
+    for name, calls in forms.items():
+        if name != "bf16":
+            out = calls[0]()
+            row[f"{name}_rel_err"] = round(((out.float() - reference).norm() / reference.norm()).item(), 5)
+        row[f"{name}_ms"] = round(graph_time_ms(calls), 4)
+    ops.DEQUANTIZED_CHUNK_ELEMENTS = CHUNK_BUDGETS["8M"]
+    for name in forms:
+        row[f"{name}_vs_bf16"] = round(row["bf16_ms"] / row[f"{name}_ms"], 3)
     return row
-
-
-def dequantize_then_mm(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, w_fp8.to(x.dtype) * w_scale.to(x.dtype), bias)
 
 
 def main() -> None:
@@ -92,10 +106,13 @@ def main() -> None:
                     date=time.strftime("%Y-%m-%d")),
         "shapes": [],
     }
-    for shape in FLUX_SHAPES:
+    for shape in FLUX_SHAPES + ROW_SWEEP:
         row = measure(*shape)
         results["shapes"].append(row)
         print(json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
+    for row in results["shapes"]:
+        print(row["m"], row["k"], row["n"], {k[:-8]: v for k, v in row.items() if k.endswith("_vs_bf16")})
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 

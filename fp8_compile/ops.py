@@ -175,20 +175,85 @@ def fp8_linear(
     return out.reshape(*x.shape[:-1], weight_fp8.shape[0])
 
 
+# From this many rows on, a weight-only GEMM is compute-bound, and cuBLAS on weight slices
+# dequantized just before (dequantized_chunks_mm) beats the Triton GEMM that dequantizes inside
+# its loop: on an H100, Triton's GEMM reached 0.67-0.82x of cuBLAS at FLUX's shapes even on BF16
+# weights (benchmarks/weight_only_kernels.py). From 256 to 1024 rows neither is faster at every
+# shape (0.40-0.72x of BF16 each, BENCHMARKS.md); there the Triton GEMM is kept.
+DEQUANTIZED_GEMM_MIN_ROWS = 1024
+# The weight slice dequantized at a time: at most 32M elements (64 MB in BF16), so that no
+# full-size BF16 copy of a large weight is ever made. Smaller slices measured slower on an H100
+# (8M elements: 0.64-0.75x of BF16 against 0.76-0.92x): cuBLAS runs narrow GEMMs less well than
+# the L2 saves by keeping a slice on chip.
+DEQUANTIZED_CHUNK_ELEMENTS = 1 << 25
+CHUNK_ROW_MULTIPLE = 256  # a slice's rows: a multiple of cuBLAS's widest tile
+
+
 def weight_only_linear(
     x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """``F.linear`` with an FP8 weight dequantized to the activation's dtype (W8A16).
 
-    On an NVIDIA GPU the weight is dequantized tile by tile inside a Triton GEMM; elsewhere
-    (the CPU reference) it is dequantized whole first.
+    On an NVIDIA GPU: few rows (memory-bound) run a Triton GEMM that dequantizes each weight
+    tile as it loads it; many rows (compute-bound) run cuBLAS on weight slices dequantized one
+    at a time. Elsewhere (the CPU reference) the weight is dequantized whole first.
     """
     if x.is_cuda:
         from fp8_compile.triton_kernels import weight_only_mm
 
-        out = weight_only_mm(x.reshape(-1, x.shape[-1]), weight_fp8, weight_scale, bias)
+        x2d = x.reshape(-1, x.shape[-1])
+        if x2d.shape[0] >= DEQUANTIZED_GEMM_MIN_ROWS:
+            out = torch.ops.fp8_compile.dequantized_chunks_mm(x2d, weight_fp8, weight_scale, bias)
+        else:
+            out = weight_only_mm(x2d, weight_fp8, weight_scale, bias)
         return out.reshape(*x.shape[:-1], weight_fp8.shape[0])
     return F.linear(x, weight_fp8.to(x.dtype) * weight_scale.to(x.dtype), bias)
+
+
+def chunk_rows(rows: int, columns: int, chunk_elements: int) -> int:
+    """Weight rows per dequantized slice: the weight cut into slices of at most about
+    ``chunk_elements``, of equal size (cuBLAS runs no small last GEMM), each a multiple of
+    CHUNK_ROW_MULTIPLE rows."""
+    chunks = -(-rows * columns // chunk_elements)
+    step = -(-rows // chunks)
+    return min(rows, -(-step // CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE)
+
+
+@torch.library.custom_op("fp8_compile::dequantized_chunks_mm", mutates_args=())
+def dequantized_chunks_mm(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """[M, K] x [N, K] FP8 weight^T (+ bias): each slice of the weight's rows is dequantized into
+    one reused buffer, then multiplied by cuBLAS straight into its columns of the output.
+
+    An opaque op, so that Inductor neither schedules the slices' dequantizations together nor
+    copies the per-slice products into the output."""
+    M, K = x.shape
+    N = weight.shape[0]
+    out = x.new_empty(M, N)
+    step = chunk_rows(N, K, DEQUANTIZED_CHUNK_ELEMENTS)
+    buffer = x.new_empty(step, K)
+    per_row = weight_scale.numel() > 1
+    for start in range(0, N, step):
+        rows = slice(start, min(start + step, N))
+        w = buffer[: rows.stop - start]
+        scale = weight_scale.reshape(-1, 1)[rows] if per_row else weight_scale
+        if x.is_cuda:
+            from fp8_compile.triton_kernels import dequantize_rows_into
+
+            dequantize_rows_into(weight[rows], scale, w)
+        else:
+            torch.mul(weight[rows].float(), scale.float(), out=w)
+        if bias is None:
+            torch.mm(x, w.t(), out=out[:, rows])
+        else:
+            torch.addmm(bias[rows], x, w.t(), out=out[:, rows])
+    return out
+
+
+@dequantized_chunks_mm.register_fake
+def _(x, weight, weight_scale, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.custom_op("fp8_compile::scaled_linear", mutates_args=())

@@ -3,8 +3,11 @@
 **Weight-only FP8 GEMM.** The FP8 weight tile is converted to the activation's dtype inside
 the kernel, right after it is loaded, so no full-size BF16 copy of the weight is ever written
 to memory. Two shapes of work: few rows (the conditioning GEMVs, M <= 8), which are
-memory-bound and run as a multiply-and-reduce over weight tiles; and many rows (every layer on
-SM80, which has no FP8 tensor cores), which run as a tiled ``tl.dot`` GEMM.
+memory-bound and run as a multiply-and-reduce over weight tiles; and more rows (up to
+``ops.DEQUANTIZED_GEMM_MIN_ROWS``; beyond, cuBLAS on dequantized weight slices is faster),
+which run as a tiled ``tl.dot`` GEMM.
+
+**Weight dequantization** into a BF16 buffer, one pass: the slices that cuBLAS multiplies.
 
 **Row-wise quantization with its producer's activation.** One program per row: a first pass
 applies the activation (GELU, SiLU-gating) and takes the row's amax, a second pass re-reads
@@ -85,8 +88,8 @@ def _weight_only_mm_kernel(
 ):
     # The product is computed transposed, out^T = W x^T: the converted weight tile is the left
     # operand, which Hopper's wgmma may take from registers (the right one must come from shared
-    # memory). Measured on an H100, FLUX.1-dev forward: 201.9 ms with the weight on the right,
-    # 178.8 ms like this; still about half of cuBLAS BF16's GEMM rate (BENCHMARKS.md).
+    # memory). Measured on an H100, FLUX.1-dev forward with every layer on this kernel: 201.9 ms
+    # with the weight on the right, 178.8 ms like this; 0.53-0.69x of cuBLAS BF16 (BENCHMARKS.md).
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -126,6 +129,25 @@ def weight_only_mm(
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
         wrap_triton(_weight_only_mm_kernel)[grid](*args, **flags)
     return out
+
+
+@triton.jit
+def _dequantize_rows_kernel(w_ptr, scale_ptr, out_ptr, N, K, ROW_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    offsets = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+    w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)[:, None] if ROW_SCALE else tl.load(scale_ptr)
+    tl.store(out_ptr + offsets, (w * scale).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_rows_into(weight: torch.Tensor, weight_scale: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[:] = weight * weight_scale`` for a contiguous [N, K] FP8 weight, in one pass."""
+    N, K = weight.shape
+    scale = weight_scale.reshape(-1)
+    grid = (triton.cdiv(N, 32), triton.cdiv(K, 256))
+    _dequantize_rows_kernel[grid](weight, scale, out, N, K, ROW_SCALE=scale.numel() > 1, BLOCK_N=32, BLOCK_K=256, num_warps=8)
 
 
 # activation applied to a row before it is quantized; "silu_mul" is SwiGLU's silu(x) * gate

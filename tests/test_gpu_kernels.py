@@ -14,7 +14,7 @@ from conftest import CUDA
 pytestmark = CUDA
 
 
-@pytest.mark.parametrize("m", [1, 2, 7, 64, 300])
+@pytest.mark.parametrize("m", [1, 2, 7, 64, 300, 1100])  # 1100: cuBLAS on dequantized slices
 @pytest.mark.parametrize("n, k", [(3072, 3072), (64, 4096), (1000, 520)])
 @pytest.mark.parametrize("granularity", ["per_row", "per_tensor"])
 def test_weight_only_matches_float64(m, n, k, granularity):

@@ -133,6 +133,30 @@ def test_weight_only_linear_matches_dequantized_reference():
     assert ((out.double() - ref).norm() / ref.norm()) < 2**-7
 
 
+@pytest.mark.parametrize("granularity", ["per_row", "per_tensor"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_dequantized_chunks_mm_writes_every_slice_of_the_output(monkeypatch, granularity, with_bias):
+    """The compute-bound weight-only GEMM, cut into weight slices of 256 rows (600 = 256 + 256 + 88):
+    each slice's columns must hold that slice's product, scale and bias."""
+    monkeypatch.setattr(ops, "DEQUANTIZED_CHUNK_ELEMENTS", 256 * 96)
+    torch.manual_seed(1)
+    x = torch.randn(40, 96, dtype=torch.bfloat16)
+    w = torch.randn(600, 96, dtype=torch.bfloat16) * torch.linspace(0.1, 10, 600, dtype=torch.bfloat16)[:, None]
+    bias = torch.randn(600, dtype=torch.bfloat16) if with_bias else None
+    wq, scale = ops.quantize_weight(w, granularity)
+    out = torch.ops.fp8_compile.dequantized_chunks_mm(x, wq, scale, bias)
+    ref = x.double() @ dequantize(wq, scale).T + (bias.double() if with_bias else 0)
+    column_err = (out.double() - ref).norm(dim=0) / ref.norm(dim=0)
+    assert out.shape == (40, 600) and column_err.max() < 2**-7  # bf16 inputs and output
+
+
+def test_chunk_rows_cuts_equal_slices_of_whole_tiles():
+    assert ops.chunk_rows(3072, 3072, 1 << 23) == 1536  # 9.4M elements: two slices
+    assert ops.chunk_rows(12288, 3072, 1 << 23) == 2560  # five slices, rounded up to 256 rows
+    assert ops.chunk_rows(64, 4096, 1 << 23) == 64  # never more rows than the weight has
+    assert ops.chunk_rows(600, 96, 1 << 40) == 600
+
+
 @pytest.mark.parametrize("activation", ["none", "gelu_tanh", "gelu", "silu_mul"])
 @pytest.mark.parametrize("with_prefix", [False, True])
 def test_quantize_rows_is_the_activation_then_per_row_quantization(activation, with_prefix):
