@@ -153,8 +153,15 @@ def run_row(row: str, spec, res: Resolution, reference: torch.Tensor | None, arg
     torch.manual_seed(1)
     inputs = spec.inputs(model, res, torch.bfloat16, "cuda")
     result = Row(row)
-    # "cdt": Inductor's coordinate-descent tuning of element-wise kernel configs
-    tuning = torch._inductor.config.patch(coordinate_descent_tuning="cdt" in row.split("_"))
+    # "cdt": Inductor's coordinate-descent tuning of element-wise kernel configs; "pdl": its
+    # Triton kernels launched with programmatic dependent launch (Hopper), each starting while
+    # the kernel before it drains
+    patches = {"coordinate_descent_tuning": "cdt" in row.split("_")}
+    if "pdl" in row.split("_"):
+        if not hasattr(torch._inductor.config.triton, "enable_pdl"):
+            raise SystemExit(f"row {row!r}: this torch's Inductor has no triton.enable_pdl")
+        patches["triton.enable_pdl"] = True
+    tuning = torch._inductor.config.patch(patches)
     with torch.no_grad(), tuning:
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
