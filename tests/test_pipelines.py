@@ -162,7 +162,11 @@ def test_python_api_gives_the_commands_image(kind, pipeline_dir, command):
     flags, quantization_config, _ = CASES[kind]
     _, path = command("--model", str(model), "--quantization", "fp8", "--enforce-eager", *flags, *size_flags(kind))
     image = generate(model, sampling_params(kind), quantization_config=quantization_config, enforce_eager=True)
-    np.testing.assert_array_equal(image, read_image(path))
+    # Same weights, seed and code. The CPU's matrix libraries may cut a reduction differently from
+    # one process to another under load (seen once in ten runs for Qwen-Image: one level in 10% of
+    # the pixels); another seed, step count or conversion changes most pixels by far more.
+    diff = np.abs(image.astype(np.int16) - read_image(path).astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.2, (diff.max(), (diff > 0).mean())
 
 
 @pytest.mark.slow
