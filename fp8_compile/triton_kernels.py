@@ -143,7 +143,8 @@ def _dequantize_rows_kernel(w_ptr, scale_ptr, out_ptr, N, K, ROW_SCALE: tl.const
 
 
 def dequantize_rows_into(weight: torch.Tensor, weight_scale: torch.Tensor, out: torch.Tensor) -> None:
-    """``out[:] = weight * weight_scale`` for a contiguous [N, K] FP8 weight, in one pass."""
+    """``out[:] = weight * weight_scale`` for an [N, K] FP8 weight into a contiguous ``out``, in one pass."""
+    weight = weight.contiguous()
     N, K = weight.shape
     scale = weight_scale.reshape(-1)
     grid = (triton.cdiv(N, 32), triton.cdiv(K, 256))
