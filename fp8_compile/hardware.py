@@ -3,7 +3,7 @@
 | device | lowering |
 |---|---|
 | NVIDIA SM89+ (Ada, Hopper, Blackwell) | W8A8: FP8 x FP8 GEMM |
-| NVIDIA SM80-SM88 (Ampere) | weight-only: FP8 weights, dequantized tile by tile inside a BF16 GEMM |
+| NVIDIA SM80-SM88 (Ampere) | weight-only: FP8 weights, dequantized inside a BF16 GEMM (few rows) or slice by slice before cuBLAS (1024+ rows) |
 | older NVIDIA | error: no BF16 tensor cores for the weight-only kernel |
 | CPU | W8A8 reference (``torch._scaled_mm`` runs on the CPU) |
 | ROCm | error: its FP8 is e4m3fnuz, another format than the e4m3fn weights made here |
