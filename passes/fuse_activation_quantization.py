@@ -57,9 +57,15 @@ def _activation_of(node: fx.Node, user: fx.Node) -> tuple[fx.Node, fx.Node | Non
     if node.target in MUL_TARGETS and len(node.args) == 2:
         for silu, gate in (node.args, node.args[::-1]):
             if isinstance(silu, fx.Node) and silu.op == "call_function" and silu.target in _SILU and _only_user(silu, node):
-                if not silu.kwargs.get("inplace", False) and isinstance(gate, fx.Node):
+                # the kernel reads x and gate row by row: a broadcast gate is left to Inductor
+                if not silu.kwargs.get("inplace", False) and isinstance(gate, fx.Node) and _same_shape(silu, gate, node):
                     return silu.args[0], gate, "silu_mul"
     return None
+
+
+def _same_shape(*nodes: fx.Node) -> bool:
+    shapes = [n.meta.get("example_value").shape if isinstance(n, fx.Node) and "example_value" in n.meta else None for n in nodes]
+    return None not in shapes and all(shape == shapes[0] for shape in shapes)
 
 
 def _last_dim(node: fx.Node) -> bool:

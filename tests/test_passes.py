@@ -88,3 +88,32 @@ def test_rotate_pairs_is_the_complex_product():
     freqs = torch.polar(torch.ones(5, 1, 8), torch.rand(5, 1, 8) * 6.28)
     expected = torch.view_as_real(torch.view_as_complex(pairs) * freqs)
     torch.testing.assert_close(rotate_pairs(pairs, freqs), expected, rtol=1e-6, atol=1e-6)
+
+
+class BroadcastGateMLP(torch.nn.Module):
+    """SwiGLU-like: silu(up(x)) * gate with a gate broadcast over the tokens, then a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(64, 64)
+        self.down = torch.nn.Linear(64, 32)
+
+    def forward(self, x, gate):
+        return self.down(torch.nn.functional.silu(self.up(x)) * gate)
+
+
+def test_a_broadcast_gate_is_not_fused_into_the_row_quantization():
+    """The fused kernel reads the gate row by row, so it must only take a gate of the product's
+    shape; a broadcast one ([2, 1, 64] for [2, 5, 64]) stays an ordinary multiply."""
+    torch.manual_seed(0)
+    model = BroadcastGateMLP()
+    fp8_compile.quantize_(model)
+    inputs = {"x": torch.randn(2, 5, 64), "gate": torch.randn(2, 1, 64)}
+    graph = traced_after_passes(model, inputs)
+    assert count(graph, ops.quantize_rows) == 0 and count(graph, ops.quantize_activation) == 2
+    full_gate = {"x": inputs["x"], "gate": inputs["gate"].expand(2, 5, 64).contiguous()}
+    assert count(traced_after_passes(model, full_gate), ops.quantize_rows) == 1
+    with torch.no_grad():
+        expected = model(**inputs)
+        compiled = torch.compile(model, backend="omni_fp8")(**inputs)
+    assert rel_error(compiled, expected) < 1e-3  # the same FP8 arithmetic, compiled
