@@ -142,16 +142,21 @@ def fp8_matmul(
     out_dtype: torch.dtype,
     fast_accum: bool,
 ) -> torch.Tensor:
-    """[M, K] x [N, K]^T in FP8 with the scales and the bias applied in the GEMM epilogue."""
-    return torch._scaled_mm(
+    """[M, K] x [N, K]^T in FP8 with the scales and the bias applied in the GEMM epilogue.
+
+    A float32 output takes its bias afterwards: CUDA's ``_scaled_mm`` refuses a bias with a
+    float32 output ("Bias is not supported when out_dtype is set to Float32")."""
+    epilogue_bias = bias if out_dtype != torch.float32 else None
+    out = torch._scaled_mm(
         x_fp8,
         weight_fp8.t(),
         scale_a=x_scale,
         scale_b=weight_scale.t(),
-        bias=bias,
+        bias=epilogue_bias,
         out_dtype=out_dtype,
         use_fast_accum=fast_accum,
     )
+    return out if bias is None or epilogue_bias is not None else out + bias
 
 
 def fp8_linear(
@@ -165,7 +170,7 @@ def fp8_linear(
 ) -> torch.Tensor:
     """``F.linear`` with an FP8 weight and the activation quantized with ``input_scale`` (static)
     or with scales computed on the fly (dynamic, when it is None): W8A8."""
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = _as_rows(x)  # cuBLASLt multiplies only row-major activations (a transposed input is not)
     if input_scale is None:
         x_fp8, x_scale = quantize_activation(x2d, granularity)
     else:
@@ -212,7 +217,7 @@ def weight_only_linear(
         else:
             out = weight_only_mm(x2d, weight_fp8, weight_scale, bias)
         return out.reshape(*x.shape[:-1], weight_fp8.shape[0])
-    return F.linear(x, weight_fp8.to(x.dtype) * weight_scale.to(x.dtype), bias)
+    return F.linear(x, (weight_fp8.float() * weight_scale.float()).to(x.dtype), bias)
 
 
 def chunk_rows(rows: int, columns: int, chunk_elements: int) -> int:

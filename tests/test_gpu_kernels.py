@@ -66,3 +66,25 @@ def test_only_reductions_that_write_fp8_are_forced_persistent():
     assert re.search(r"def triton_per_\w+", code) and not re.search(r"def triton_red_\w+", code)
     _, (code,) = run_and_get_code(torch.compile(norm_only, backend="omni_fp8"), x)
     assert re.search(r"def triton_red_\w+", code) and not re.search(r"def triton_per_\w+", code)
+
+
+def test_fp8_linear_takes_float32_activations_with_a_bias():
+    """CUDA's _scaled_mm refuses a bias with a float32 output; the bias is added after it."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 256, device="cuda")
+    w = torch.randn(128, 256, device="cuda")
+    bias = torch.randn(128, device="cuda")
+    wq, scale = ops.quantize_weight(w, "per_row")
+    out = ops.fp8_linear(x, wq, scale, bias, "per_row", False)
+    xq, x_scale = ops.quantize_activation(x, "per_row")
+    ref = (xq.double() * x_scale.double()) @ (wq.double() * scale.double()).T + bias.double()
+    assert out.dtype == torch.float32 and ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_fp8_linear_takes_a_transposed_activation():
+    """A column-major view (a transposed input) reaches cuBLASLt as row-major rows."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 256, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # [1, 64, 256]
+    wq, scale = ops.quantize_weight(torch.randn(128, 256, device="cuda", dtype=torch.bfloat16), "per_row")
+    out = ops.fp8_linear(x, wq, scale, None, "per_row", True)
+    assert torch.equal(out, ops.fp8_linear(x.contiguous(), wq, scale, None, "per_row", True))
