@@ -87,8 +87,18 @@ def _patterns(key: str, value: Any) -> tuple[str, ...]:
             f"(strings such as 'img_mlp', '*.to_q' or 're:.*attn\\.to_(q|k)'), got {value!r}"
         )
     for pattern in value:
-        LayerPattern(pattern)  # raises on an invalid regular expression
+        try:
+            LayerPattern(pattern)  # raises on an invalid regular expression
+        except ValueError as error:
+            raise ValueError(f"omni_fp8 option {key!r}: {error}") from None
     return tuple(value)
+
+
+def _positive_number(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value)) and float(value) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 def _activation_scales(value: Any) -> str | dict[str, float] | None:
@@ -101,13 +111,12 @@ def _activation_scales(value: Any) -> str | dict[str, float] | None:
             raise ValueError(f"omni_fp8 option 'activation_scales': no such file {path!r}")
         return path
     if isinstance(value, Mapping):
-        scales = {str(name): float(scale) for name, scale in value.items()}
-        bad = [name for name, scale in scales.items() if not (math.isfinite(scale) and scale > 0)]
+        bad = [name for name, scale in value.items() if not _positive_number(scale)]
         if bad:
             raise ValueError(
                 f"omni_fp8 option 'activation_scales': scales must be finite and > 0; bad layers: {bad[:5]}"
             )
-        return scales
+        return {str(name): float(scale) for name, scale in value.items()}
     raise ValueError(
         "omni_fp8 option 'activation_scales' must be a scales file written by fp8_compile.calibration "
         f"or a dict {{layer name: scale}}, got {type(value).__name__}"
@@ -223,6 +232,12 @@ class Fp8Config:
         _flag("cudagraphs", self.cudagraphs)
         _flag("strict", self.strict)
         _choice("lowering", self.lowering, LOWERINGS)
+        if self.weight_block_size is not None and self.lowering == "weight_only":
+            raise ValueError(
+                "omni_fp8 option 'lowering'='weight_only' does not apply to 'weight_block_size': block-scaled "
+                "layers quantize their activations per (1 x block_k) group and run their own kernel on every "
+                "GPU; leave 'lowering' at 'auto'"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
