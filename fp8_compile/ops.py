@@ -2,8 +2,10 @@
 
 These are plain torch functions: the graph passes insert calls to them into the traced graph,
 and Inductor traces through them and fuses their element-wise work into the surrounding kernels.
-The two ``fp8_compile::`` custom ops wrap the linear layers for eager execution (a converted
-module run outside ``torch.compile``), and are what the passes find in a traced graph.
+The ``fp8_compile::scaled_linear`` and ``weight_only_scaled_linear`` custom ops wrap the linear
+layers for eager execution (a converted module run outside ``torch.compile``), and are what the
+passes find in a traced graph; ``dequantized_chunks_mm``, the weight-only GEMM for many rows, is
+an op so that Inductor keeps it whole.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A pattern is matched against a layer's qualified name relative to the model bein
 e.g. ``transformer_blocks.3.img_mlp.net.0.proj``:
 
 * a plain name matches when it equals one dotted component or a run of components:
-  ``img_mlp``, ``attn.to_out`` and ``transformer_blocks.3`` all match the name above, ``mlp``
+  ``img_mlp``, ``img_mlp.net`` and ``transformer_blocks.3`` all match the name above, ``mlp``
   does not (components are compared whole, so ``to_q`` never matches ``add_q_proj``);
 * a glob (containing ``*``, ``?`` or ``[``) matches the whole name: ``*.to_q``,
   ``transformer_blocks.1?.*``;

@@ -35,12 +35,13 @@ class LayerKind(str, Enum):
 
 @dataclass
 class LinearLayer:
-    """One linear node of the graph whose weight is a parameter of the compiled module."""
+    """One linear node of the graph whose weight is a tensor of the compiled module (a parameter,
+    or the FP8 buffer that replaced it)."""
 
     node: fx.Node
     name: str  # qualified module name relative to the compiled module, e.g. "attn.to_q"
     kind: LayerKind
-    weight: torch.Tensor  # the parameter, as passed to the graph
+    weight: torch.Tensor  # the weight, as passed to the graph
 
 
 @dataclass

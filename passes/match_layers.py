@@ -1,4 +1,5 @@
-"""Match: find the linear nodes whose weight is a parameter, name them and classify them."""
+"""Match: find the linear nodes on the module's weights (BF16 parameters or converted FP8
+buffers), name them and classify them."""
 
 from __future__ import annotations
 
