@@ -1,6 +1,7 @@
 """FP8 primitives against float64 references, with bounds that follow from e4m3's precision
 (derived in fp8_bounds.py)."""
 
+import math
 import weakref
 
 import pytest
@@ -153,6 +154,23 @@ def test_chunk_rows_cuts_equal_slices_of_whole_tiles():
     assert ops.chunk_rows(12288, 3072, 1 << 23) == 2560  # five slices, rounded up to 256 rows
     assert ops.chunk_rows(64, 4096, 1 << 23) == 64  # never more rows than the weight has
     assert ops.chunk_rows(600, 96, 1 << 40) == 600
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu_tanh", "gelu", "silu_mul"])
+def test_row_activations_are_their_formulas(activation):
+    """The activations quantize_rows fuses (and the GPU kernel is checked against), written out
+    here: tanh-GELU and exact GELU differ by up to ~1e-3 around x = -2, far above the bound."""
+    torch.manual_seed(0)
+    x = torch.linspace(-8, 8, 2001).reshape(1, -1)
+    gate = torch.randn(1, 2001)
+    expected = {
+        "none": x,
+        "gelu_tanh": 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
+        "gelu": 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
+        "silu_mul": x / (1 + torch.exp(-x)) * gate,
+    }[activation]
+    out = ops.apply_row_activation(x, gate if activation == "silu_mul" else None, activation)
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("activation", ["none", "gelu_tanh", "gelu", "silu_mul"])
