@@ -17,10 +17,13 @@ pytestmark = CUDA
 @pytest.mark.parametrize("m", [1, 2, 7, 64, 300, 1100])  # 1100: cuBLAS on dequantized slices
 @pytest.mark.parametrize("n, k", [(3072, 3072), (64, 4096), (1000, 520)])
 @pytest.mark.parametrize("granularity", ["per_row", "per_tensor"])
-def test_weight_only_matches_float64(m, n, k, granularity):
+def test_weight_only_matches_float64(m, n, k, granularity, monkeypatch):
+    # slices of 256 rows, so that the sliced path (m = 1100) cuts every weight above 256 rows
+    monkeypatch.setattr(ops, "DEQUANTIZED_CHUNK_ELEMENTS", 256 * k)
     torch.manual_seed(m + n + k)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    # rows 100x apart in magnitude: a slice given another slice's scales fails
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * torch.logspace(-1, 1, n, device="cuda")[:, None].bfloat16()
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     wq, scale = ops.quantize_weight(w, granularity)
     out = ops.weight_only_linear(x, wq, scale, bias)
@@ -28,6 +31,8 @@ def test_weight_only_matches_float64(m, n, k, granularity):
     # bf16 activations and output: ~2**-8 relative; the weight is used exactly as quantized
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
     assert ((out.double() - ref).norm() / ref.norm()).item() < 2**-7
+    if m >= 64:  # each output column (weight row) on its own, also the small ones
+        assert ((out.double() - ref).norm(dim=0) / ref.norm(dim=0)).max().item() < 2**-7
 
 
 @pytest.mark.parametrize("activation", ["none", "gelu_tanh", "gelu", "silu_mul"])
