@@ -61,17 +61,21 @@ def test_activation_groups_are_per_token_and_per_group():
 
 
 @pytest.mark.parametrize("n, k", [(256, 384), (80, 208)])
-def test_block_linear_matches_float64_with_block_scales(n, k):
+@pytest.mark.parametrize("block", [(128, 128), (128, 64), (64, 128)])  # non-square: block_n != block_k
+def test_block_linear_matches_float64_with_block_scales(n, k, block):
     torch.manual_seed(n + k)
+    block_n, block_k = block
     x = torch.randn(3, 7, k, dtype=torch.bfloat16) * 3
-    w = torch.randn(n, k, dtype=torch.bfloat16) * 0.05
+    # magnitudes 100x apart along K and N, so that every block's scale matters
+    magnitude = torch.logspace(-1, 1, n)[:, None] * torch.logspace(1, -1, k)[None, :]
+    w = (torch.randn(n, k) * 0.05 * magnitude).to(torch.bfloat16)
     b = torch.randn(n, dtype=torch.bfloat16)
-    wq, w_scale = quantize_weight_blocks(w, (128, 128))
-    out = block_fp8_linear(x, wq, w_scale, b, 128, 128)
+    wq, w_scale = quantize_weight_blocks(w, block)
+    out = block_fp8_linear(x, wq, w_scale, b, block_n, block_k)
     assert out.shape == (3, 7, n) and out.dtype == torch.bfloat16
 
-    xq, x_scale = quantize_activation_groups(x.reshape(-1, k), 128)
-    exact = dequantize(xq, x_scale, (1, 128)) @ dequantize(wq, w_scale, (128, 128)).T + b.double()
+    xq, x_scale = quantize_activation_groups(x.reshape(-1, k), block_k)
+    exact = dequantize(xq, x_scale, (1, block_k)) @ dequantize(wq, w_scale, block).T + b.double()
     assert ((out.reshape(-1, n).double() - exact).abs() <= 2**-8 * exact.abs() + 1e-4).all()
 
     ref = x.double() @ w.double().T + b.double()
@@ -97,11 +101,14 @@ def test_model_with_block_weights_reports_and_stays_close():
     assert rel_error(out, reference) < 0.15
 
 
-def test_compiled_block_layers_run_the_block_gemm():
+@pytest.mark.parametrize("block", [[128, 128], [64, 128]])
+def test_compiled_block_layers_run_the_block_gemm(block):
     torch.manual_seed(0)
     model = nn.Sequential(nn.LayerNorm(256), nn.Linear(256, 128)).to(torch.bfloat16)
+    with torch.no_grad():  # output rows 100x apart, so that each block row's scale matters
+        model[1].weight.mul_(torch.logspace(-1, 1, 128, dtype=torch.bfloat16)[:, None])
     x = torch.randn(4, 16, 256, dtype=torch.bfloat16)
-    fp8_compile.quantize_(model, {"weight_block_size": [128, 128]})
+    fp8_compile.quantize_(model, {"weight_block_size": block})
     with torch.no_grad():
         eager = model(x)
         out, (code, *_) = run_and_get_code(torch.compile(model, backend="omni_fp8"), x)
