@@ -17,7 +17,7 @@ from safetensors import safe_open
 from torch._inductor.utils import run_and_get_code
 
 import fp8_compile
-from fp8_compile import Decision, ScaledLinear
+from fp8_compile import Decision, ScaledLinear, ops
 from fp8_compile.activation_scales import ActivationScales, load_activation_scales, save_activation_scales
 from fp8_compile.calibration import calibrate, main as calibration_main, zoo_runs
 from fp8_compile.zoo import DITS
@@ -84,6 +84,30 @@ def test_static_model_is_close_to_bf16(flux_scales):
     with torch.no_grad():
         out = first_output(model(**inputs))
     assert rel_error(out, reference) < 0.15
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_row"])
+def test_the_static_scale_is_the_one_used(granularity, device):
+    """A static scale far below the dynamic one (|x| up to ~12 saturates at 448 x 1e-3): the
+    layer's output is exactly the GEMM of the statically quantized input, eager and compiled,
+    and far from what dynamic scaling gives."""
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32).to(device=device, dtype=torch.bfloat16)
+    x = torch.randn(8, 64, device=device, dtype=torch.bfloat16) * 4
+    dynamic = nn.Sequential(nn.Linear(64, 32)).to(device=device, dtype=torch.bfloat16)
+    dynamic.load_state_dict({"0." + k: v for k, v in layer.state_dict().items()})
+    static = nn.Sequential(layer)
+    fp8_compile.quantize_(dynamic, {"granularity": granularity})
+    fp8_compile.quantize_(static, {"granularity": granularity, "activation_scheme": "static", "activation_scales": {"0": 1e-3}})
+    with torch.no_grad():
+        q = static[0]
+        x_fp8 = ops.quantize_activation_static(x, q.input_scale)
+        x_scale = ops.static_activation_scale(q.input_scale, x, q.weight_scale)
+        expected = ops.fp8_matmul(x_fp8, x_scale, q.weight, q.weight_scale, q.bias, x.dtype, q.fast_accum)
+        assert torch.equal(static(x), expected)
+        assert rel_error(torch.compile(static, backend="omni_fp8")(x), expected) < 1e-2
+        assert rel_error(static(x), dynamic(x)) > 0.3
 
 
 @pytest.mark.parametrize("device", DEVICES)
