@@ -125,13 +125,18 @@ def test_nan_or_inf_activation_gives_nan_not_a_finite_value():
         assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2, 3]]).all()
 
 
-def test_weight_only_linear_matches_dequantized_reference():
-    x = torch.randn(2, 64, dtype=torch.bfloat16)
-    w = torch.randn(32, 64, dtype=torch.bfloat16)
-    wq, scale = ops.quantize_weight(w, "per_row")
-    out = ops.weight_only_linear(x, wq, scale, None)
-    ref = x.double() @ dequantize(wq, scale).T
-    assert ((out.double() - ref).norm() / ref.norm()) < 2**-7
+@pytest.mark.parametrize("granularity", ["per_row", "per_tensor"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_weight_only_linear_matches_dequantized_reference(granularity, with_bias):
+    torch.manual_seed(0)
+    x = torch.randn(64, 64, dtype=torch.bfloat16)
+    w = torch.randn(32, 64, dtype=torch.bfloat16) * torch.logspace(-1, 1, 32, dtype=torch.bfloat16)[:, None]
+    bias = torch.randn(32, dtype=torch.bfloat16) if with_bias else None
+    wq, scale = ops.quantize_weight(w, granularity)
+    out = ops.weight_only_linear(x, wq, scale, bias)
+    ref = x.double() @ dequantize(wq, scale).T + (bias.double() if with_bias else 0)
+    # per output column: bf16 input and output roundings, ~2**-8
+    assert ((out.double() - ref).norm(dim=0) / ref.norm(dim=0)).max() < 2**-7
 
 
 @pytest.mark.parametrize("granularity", ["per_row", "per_tensor"])
