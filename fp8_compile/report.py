@@ -47,8 +47,8 @@ class QuantizationReport:
 
     def merge(self, other: QuantizationReport) -> None:
         """Add a later conversion's entries; a layer decided again keeps its latest entry."""
-        renamed = {layer.name for layer in other.layers}
-        self.layers = [layer for layer in self.layers if layer.name not in renamed] + other.layers
+        decided_again = {layer.name for layer in other.layers}
+        self.layers = [layer for layer in self.layers if layer.name not in decided_again] + other.layers
         self.bytes_before += other.bytes_before
         self.bytes_after += other.bytes_after
         self.config = other.config or self.config
