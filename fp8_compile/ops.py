@@ -173,6 +173,8 @@ def fp8_linear(
     """``F.linear`` with an FP8 weight and the activation quantized with ``input_scale`` (static)
     or with scales computed on the fly (dynamic, when it is None): W8A8."""
     x2d = _as_rows(x)  # cuBLASLt multiplies only row-major activations (a transposed input is not)
+    if x2d.shape[0] == 0:  # no tokens: neither _scaled_mm nor a per-tensor amax takes an empty input
+        return x.new_empty(*x.shape[:-1], weight_fp8.shape[0])
     if input_scale is None:
         x_fp8, x_scale = quantize_activation(x2d, granularity)
     else:

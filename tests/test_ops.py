@@ -126,6 +126,13 @@ def test_nan_or_inf_activation_gives_nan_not_a_finite_value():
 
 
 @pytest.mark.parametrize("granularity", ["per_row", "per_tensor"])
+def test_fp8_linear_of_no_tokens_is_empty(granularity):
+    wq, scale = ops.quantize_weight(torch.randn(32, 64, dtype=torch.bfloat16), granularity)
+    out = ops.fp8_linear(torch.randn(2, 0, 64, dtype=torch.bfloat16), wq, scale, torch.randn(32, dtype=torch.bfloat16), granularity, False)
+    assert out.shape == (2, 0, 32) and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("granularity", ["per_row", "per_tensor"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_weight_only_linear_matches_dequantized_reference(granularity, with_bias):
     torch.manual_seed(0)
