@@ -48,6 +48,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from fp8_compile.blockwise import BlockScaledLinear
+from fp8_compile.convert import keep_weights
 from fp8_compile.modules import ScaledLinear
 from fp8_compile.moe import EXPERT_WEIGHTS, Fp8Experts
 from fp8_compile.patterns import shown_names
@@ -368,5 +369,11 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, device: str | torc
     finally:
         files.close()
     model.to(device)  # the buffers built at construction; loaded tensors are there already
+    # The layers the checkpoint keeps in BF16 are decided: compiling with omni_fp8 must not
+    # quantize them as layers no conversion has seen yet.
+    for layer in report.by_decision(Decision.BF16):
+        weight = getattr(model.get_submodule(layer.name), "weight", None)
+        if isinstance(weight, nn.Parameter):
+            keep_weights([weight], layer.reason)
     logger.info("omni_fp8 %s loaded from %s: %s", type(model).__name__, path, report.summary())
     return record_report(model, report)

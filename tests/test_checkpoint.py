@@ -217,3 +217,17 @@ def test_checkpoint_missing_scale_of_an_fp8_layer_names_it(tmp_path):
     write_block_fp8_without(tmp_path / "ckpt", "transformer_blocks.0.attn.to_q.weight_scale_inv")
     with pytest.raises(ValueError, match=r"ckpt' lacks tensor 'transformer_blocks.0.attn.to_q.weight_scale_inv'"):
         load_quantized(flux_skeleton(), tmp_path / "ckpt")
+
+
+def test_a_loaded_checkpoint_compiles_without_quantizing_its_bf16_layers(tmp_path):
+    """The layers a checkpoint keeps in BF16 (here by ignored_layers) stay BF16 when the loaded
+    model is compiled with omni_fp8; they were quantized as not-yet-converted layers before."""
+    model, inputs = build("flux")
+    report = fp8_compile.quantize_(model, {"ignored_layers": ["ff_context"]})
+    save_quantized(model, tmp_path / "flux.safetensors")
+    fresh = flux_skeleton()
+    load_quantized(fresh, tmp_path / "flux.safetensors")
+    with torch.no_grad():
+        torch.compile(fresh, backend="omni_fp8")(**inputs)
+    assert fp8_compile.quantization_report(fresh).num_quantized == report.num_quantized
+    assert type(fresh.transformer_blocks[0].ff_context.net[2]) is nn.Linear
