@@ -247,7 +247,7 @@ class Fp8Experts(nn.Module):
         out = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
         unsorted = torch.empty_like(out)
         unsorted[order] = out
-        return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+        return unsorted.view(num_tokens, top_k, out.shape[-1]).sum(dim=1).to(hidden_states.dtype)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         # as ScaledLinear: FP8 weights and their float32 scales follow device moves, never casts

@@ -141,3 +141,14 @@ def test_fp8_experts_keep_their_dtypes_on_casts():
             assert getattr(experts, f"{weight}_scale").dtype == torch.float32, (name, weight)
             assert torch.equal(getattr(experts, weight).view(torch.uint8), getattr(original, weight).view(torch.uint8))
     assert copied.get_submodule("model.language_model.layers.0.mlp.gate").weight.dtype == torch.float16  # the cast itself ran
+
+
+def test_fp8_experts_take_no_tokens():
+    """A batch with no tokens (an empty routing) gives an empty output, as the BF16 experts do."""
+    model = tiny_thinker()
+    fp8_compile.quantize_(model)
+    experts = model.get_submodule(EXPERTS[0])
+    hidden = torch.randn(0, experts.gate_up_proj.shape[-1], dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = experts(hidden, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2, dtype=torch.bfloat16))
+    assert out.shape == (0, hidden.shape[-1])
