@@ -80,6 +80,15 @@ def test_broken_scale_is_located_by_the_per_layer_report():
     assert all(e.output_sqnr_db > HEALTHY_LAYER_DB for e in report.layers[: layer.index] if e.decision != "bf16")
 
 
+def test_a_compiled_fp8_model_is_refused_by_name():
+    """A torch.compile wrapper compared nothing (its layers are named '_orig_mod.*') and reported
+    no problem; it is refused with the way out."""
+    subject = zoo_subject("flux", steps=STEPS)
+    fp8 = subject.fp8_copies(Fp8Config())["transformer"]
+    with pytest.raises(ValueError, match=r"fp8_model: pass the FP8 module itself, not its torch.compile wrapper"):
+        validate(subject, fp8_model=torch.compile(fp8, backend="omni_fp8"))
+
+
 def test_suggested_ignore_list_meets_the_target_when_applied():
     subject = zoo_subject("qwen_image", steps=2)
     full_fp8 = validate(subject)

@@ -99,6 +99,14 @@ def _fp8_denoisers(
 ) -> dict[str, nn.Module]:
     if given is None:
         return subject.fp8_copies(config)
+    modules = [given] if isinstance(given, nn.Module) else list(given.values())
+    if any(hasattr(module, "_orig_mod") for module in modules):
+        # Its layers are named '_orig_mod.*' (nothing was compared), and hooked inside compiled
+        # code one layer's input came out far from the eager run's (3 dB against an exact match).
+        raise ValueError(
+            "fp8_model: pass the FP8 module itself, not its torch.compile wrapper (model._orig_mod): the "
+            "per-layer comparison hooks every layer and runs the model eagerly"
+        )
     if isinstance(given, nn.Module):
         if len(subject.denoisers) != 1:
             raise ValueError(
