@@ -157,7 +157,7 @@ class CheckpointFiles:
         source = f"FP8 checkpoint {str(path)!r}"
         indexes = sorted(path.glob("*.safetensors.index.json")) if path.is_dir() else []
         if indexes:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+            weight_map = _read_json(indexes[0])["weight_map"]
             return cls(source, {name: str(path / file) for name, file in weight_map.items()}, device)
         files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
         if not files:
@@ -205,16 +205,23 @@ def _metadata(path: Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"FP8 checkpoint file {str(path)!r} is not valid JSON: {error}") from None
+
+
 def quantization_config(path: Path) -> dict[str, Any]:
     """The pre-quantized checkpoint's quantization config (``{}`` when it has none)."""
     if path.is_dir():
         hf_quant = path / "hf_quant_config.json"
         if hf_quant.is_file():
-            data = json.loads(hf_quant.read_text())
+            data = _read_json(hf_quant)
             return {"quant_method": data.get("producer", {}).get("name", "modelopt"), **data.get("quantization", {})}
         config = path / "config.json"
         if config.is_file():
-            return json.loads(config.read_text()).get("quantization_config") or {}
+            return _read_json(config).get("quantization_config") or {}
     return {}
 
 

@@ -40,6 +40,8 @@ class DiTSpec:
         """The model of ``size`` ("tiny" or "full"), with ``overrides`` replacing config entries."""
         import diffusers
 
+        if size not in ("tiny", "full"):
+            raise ValueError(f"model size must be 'tiny' or 'full', got {size!r}")
         cls = getattr(diffusers, self.class_name)
         config = {**(self.tiny if size == "tiny" else self.full), **overrides}
         # Built in its dtype: a full-size model never exists in float32 (Qwen-Image's 20B

@@ -196,6 +196,9 @@ def test_checkpoint_for_another_model_is_refused(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain" / "model.safetensors"))
     with pytest.raises(ValueError, match="is not an FP8 checkpoint this package reads"):
         load_quantized(flux_skeleton(), tmp_path / "plain")
+    (tmp_path / "plain" / "hf_quant_config.json").write_text("{\n")  # a truncated config names its file
+    with pytest.raises(ValueError, match=r"hf_quant_config.json' is not valid JSON"):
+        load_quantized(flux_skeleton(), tmp_path / "plain")
 
 
 def write_block_fp8_without(path, name: str) -> None:

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 import fp8_compile
 from fp8_compile import Decision, ScaledLinear
+from fp8_compile.zoo import DITS
 
 from conftest import DEVICES, build, cosine, first_output, rel_error, unique_graphs
 
@@ -77,3 +78,9 @@ def test_denoiser_in_fp8(name, device):
     assert now <= 0.55 * bf16
     gc.collect()
     assert old_weight() is None, "the BF16 weight of a converted layer is still alive"
+
+
+def test_a_misspelt_model_size_is_refused():
+    """Any size but 'tiny' built the full-size model (billions of parameters) without a word."""
+    with pytest.raises(ValueError, match="model size must be 'tiny' or 'full', got 'tinny'"):
+        DITS["flux"].build("tinny", torch.bfloat16, "cpu")
