@@ -46,6 +46,23 @@ def flux_scales(tmp_path_factory):
     return path, scales
 
 
+def test_a_calibrated_scale_is_the_largest_input_over_448():
+    """Over two runs, each W8A8 layer's scale is max |input| / 448: the largest input lands on
+    e4m3's largest value. (The 0.15 bounds elsewhere would pass a scale several times off.)"""
+    model = _mlp()
+    runs = [(_mlp_input(),), (torch.randn(2, 32, 64, dtype=torch.bfloat16) * 3,)]
+    scales = calibrate(model, runs).scales
+    with torch.no_grad():
+        first_inputs = [model[0](x) for (x,) in runs]
+        second_inputs = [model[2](model[1](h)) for h in first_inputs]
+
+    def amax(tensors):
+        return max(t.float().abs().max().item() for t in tensors)
+
+    assert scales["1"] == pytest.approx(amax(first_inputs) / 448, rel=1e-6)
+    assert scales["3"] == pytest.approx(amax(second_inputs) / 448, rel=1e-6)
+
+
 def test_calibration_file_names_model_layers_and_config(flux_scales):
     path, scales = flux_scales
     with safe_open(str(path), framework="pt") as f:
