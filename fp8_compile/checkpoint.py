@@ -187,6 +187,11 @@ class CheckpointFiles:
             return None
         return self.handle(self.file_of[name]).get_slice(name).get_dtype()
 
+    def stored_shape(self, name: str) -> torch.Size:
+        """The shape of the stored tensor ``name`` (or of the one it is an alias of), from the header."""
+        stored = self.aliases.get(name, name)
+        return torch.Size(self.handle(self.file_of[stored]).get_slice(stored).get_shape())
+
     def close(self) -> None:
         self.stack.close()
 
@@ -246,13 +251,26 @@ class _Loader:
         self.used: set[str] = set()
         self.loaded: dict[str, torch.Tensor] = {}
 
-    def take(self, name: str) -> torch.Tensor:
-        """The tensor ``name``; names stored once for several (tied weights) give one tensor."""
+    def take(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor ``name`` (cast to ``dtype`` if given); names stored once for several (tied
+        weights) give one tensor."""
         self.used.add(name)
         stored = self.files.aliases.get(name, name)
         if stored not in self.loaded:
             self.loaded[stored] = self.files.get(stored)
+        if dtype is not None and self.loaded[stored].dtype != dtype:
+            self.loaded[stored] = self.loaded[stored].to(dtype)
         return self.loaded[stored]
+
+    def take_weight(self, name: str, expected: torch.Size) -> torch.Tensor:
+        """The FP8 weight ``name``, checked against the shape of the model's layer."""
+        weight = self.take(name)
+        if weight.shape != expected:
+            raise ValueError(
+                f"{self.files.source}: {name} is {list(weight.shape)} there but {list(expected)} in this "
+                f"{type(self.model).__name__} (built with another configuration?)"
+            )
+        return weight
 
     def take_scalar(self, name: str) -> torch.Tensor:
         return self.take(name).float().reshape(())
@@ -262,16 +280,24 @@ class _Loader:
 
     def fill_the_rest(self) -> None:
         """Every state-dict tensor not consumed by an FP8 module, straight from the checkpoint."""
-        missing = []
-        for name in self.model.state_dict():
+        missing, misshapen = [], []
+        for name, placeholder in self.model.state_dict().items():
             if name in self.used:
                 continue
-            if name in self.files:
-                _set_tensor(self.model, name, self.take(name))
-            else:
+            if name not in self.files:
                 missing.append(name)
+            elif self.files.stored_shape(name) != placeholder.shape:
+                misshapen.append(f"{name} {list(self.files.stored_shape(name))} (model: {list(placeholder.shape)})")
+            else:
+                # the dtype the model was built in, as from_pretrained(torch_dtype=...) would give
+                _set_tensor(self.model, name, self.take(name, placeholder.dtype if placeholder.is_floating_point() else None))
         if missing:
             raise ValueError(f"{self.files.source} lacks tensors of {type(self.model).__name__}: {shown_names(missing)}")
+        if misshapen:
+            raise ValueError(
+                f"{self.files.source} does not fit this {type(self.model).__name__} (built with another "
+                f"configuration?): {shown_names(misshapen)}"
+            )
         unused = sorted(set(self.files.file_of) - self.used - set(self.files.aliases.values()))
         if unused:
             logger.warning("%s: %d tensors the model has no place for: %s", self.files.source, len(unused), shown_names(unused))
@@ -298,11 +324,12 @@ def _load_own(loader: _Loader, metadata: dict[str, str]) -> QuantizationReport:
             fp8 = {w: (loader.take(f"{name}.{w}"), loader.take(f"{name}.{w}_scale")) for w in EXPERT_WEIGHTS if f"{name}.{w}_scale" in loader.files}
             Fp8Experts.from_quantized(module, fp8, fast_accum=entry["fast_accum"])
         elif entry["kind"] == "block":
-            BlockScaledLinear.from_blocks(module, loader.take(f"{name}.weight"), loader.take(f"{name}.weight_scale"), entry["block_size"])
+            weight = loader.take_weight(f"{name}.weight", module.weight.shape)
+            BlockScaledLinear.from_blocks(module, weight, loader.take(f"{name}.weight_scale"), entry["block_size"])
         else:
             input_scale = loader.take(f"{name}.input_scale") if f"{name}.input_scale" in loader.files else None
             ScaledLinear.from_quantized(
-                module, loader.take(f"{name}.weight"), loader.take(f"{name}.weight_scale"), input_scale,
+                module, loader.take_weight(f"{name}.weight", module.weight.shape), loader.take(f"{name}.weight_scale"), input_scale,
                 quantize_input=entry["quantize_input"], granularity=entry["granularity"], fast_accum=entry["fast_accum"],
             )
     loader.fill_the_rest()
@@ -329,7 +356,7 @@ def _load_public(loader: _Loader, quant: dict[str, Any]) -> QuantizationReport:
             report.layers.append(LayerReport(name, n, k, Decision.BF16, reason))
             continue
         report.bytes_before += _bf16_bytes(module)
-        weight = loader.take(f"{name}.weight")
+        weight = loader.take_weight(f"{name}.weight", module.weight.shape)
         if block:
             BlockScaledLinear.from_blocks(module, weight, loader.take(f"{name}.weight_scale_inv").float(), block)
         else:

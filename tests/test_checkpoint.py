@@ -201,6 +201,35 @@ def test_checkpoint_for_another_model_is_refused(tmp_path):
         load_quantized(flux_skeleton(), tmp_path / "plain")
 
 
+@pytest.mark.parametrize("checkpoint_format", ["own", "block_fp8"])
+def test_checkpoint_of_another_configuration_is_refused(tmp_path, checkpoint_format):
+    """The same class built with another width: refused while loading, naming a tensor and both
+    shapes (it loaded, and failed later inside a forward)."""
+    model, _ = build("flux")
+    if checkpoint_format == "own":
+        fp8_compile.quantize_(model)
+        path = tmp_path / "flux.safetensors"
+        save_quantized(model, path)
+    else:
+        path = tmp_path / "ckpt"
+        write_block_fp8(model, path)
+    with skeleton():
+        wider = DITS["flux"].build("tiny", torch.bfloat16, "cpu", num_attention_heads=4)
+    with pytest.raises(ValueError, match=r"linear_1.weight is \[64, 256\] there but \[128, 256\] in this FluxTransformer2DModel"):
+        load_quantized(wider, path)
+
+
+def test_checkpoint_tensors_take_the_models_dtype(tmp_path):
+    """A skeleton built in float16 gets its non-FP8 tensors in float16, not the stored bfloat16."""
+    model, _ = build("flux")
+    fp8_compile.quantize_(model)
+    save_quantized(model, tmp_path / "flux.safetensors")
+    with skeleton():
+        fresh = DITS["flux"].build("tiny", torch.float16, "cpu")
+    load_quantized(fresh, tmp_path / "flux.safetensors")
+    assert fresh.norm_out.linear.bias.dtype == torch.float16 and fresh.x_embedder.weight.dtype == torch.float8_e4m3fn
+
+
 def write_block_fp8_without(path, name: str) -> None:
     """A block-FP8 checkpoint of the tiny FLUX with the tensor ``name`` left out."""
     model, _ = build("flux")
