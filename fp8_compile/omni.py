@@ -126,7 +126,21 @@ def component_configs(
     if not isinstance(quantization_config, Mapping):
         raise ValueError(f"quantization_config must be a dict, got {type(quantization_config).__name__}")
     components = model_components(index)
-    if all(key in _OPTION_NAMES for key in quantization_config):
+    pipeline = index.get("_class_name", "this pipeline")
+    unknown = [key for key in quantization_config if key not in _OPTION_NAMES and key not in index]
+    if unknown:
+        raise ValueError(
+            f"quantization_config key {unknown[0]!r} is neither an omni_fp8 option nor a component of {pipeline}"
+            f"{did_you_mean(unknown[0], [*_OPTION_NAMES, *components])}; components: {', '.join(components)}; "
+            f"options: {sorted(_OPTION_NAMES)}"
+        )
+    options_given = [key for key in quantization_config if key in _OPTION_NAMES]
+    if options_given and len(options_given) < len(quantization_config):
+        raise ValueError(
+            f"quantization_config mixes omni_fp8 options ({options_given}) with components; give either options "
+            "(for the denoisers) or {<component>: {options}}"
+        )
+    if options_given or not quantization_config:  # options, or none: for the denoisers
         denoisers = [name for name in DENOISERS if name in components]
         if not denoisers:
             raise ValueError(

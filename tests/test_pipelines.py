@@ -216,6 +216,22 @@ def test_command_rejects_bad_input(flags, message, pipeline_dir, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "quantization_config, message",
+    [
+        ({"method": "fp8", "ignored_layer": ["ff"]}, "key 'ignored_layer' is neither an omni_fp8 option nor a component of FluxPipeline (did you mean 'ignored_layers'?)"),
+        ({"transfomer": {}}, "key 'transfomer' is neither an omni_fp8 option nor a component of FluxPipeline (did you mean 'transformer'?)"),
+        ({"ignored_layers": ["ff"], "transformer": {}}, "mixes omni_fp8 options (['ignored_layers']) with components"),
+        ({"vae": {}}, "'vae' stays BF16"),
+    ],
+)
+def test_quantization_config_errors_name_the_key_at_fault(quantization_config, message, pipeline_dir):
+    index = omni_module.read_model_index(pipeline_dir("flux"))
+    with pytest.raises(ValueError) as info:
+        omni_module.component_configs(index, None, quantization_config)
+    assert message in str(info.value)
+
+
 def test_command_rejects_a_folder_that_is_not_a_pipeline(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--model", str(tmp_path), "--output", str(tmp_path / "x.png")],
