@@ -171,3 +171,18 @@ def test_support_table_rows_say_what_they_rest_on(tmp_path):
     assert rows["Qwen-Image"]["recommendation"] == "not validated: no validation run yet"
     markdown, data = write_support_table(tmp_path, list(rows.values()), 30.0)
     assert "| FLUX.1 |" in markdown.read_text() and json.loads(data.read_text())["target_psnr_db"] == 30.0
+
+
+def test_support_table_takes_a_report_without_target_and_says_what_it_leaves_out(caplog):
+    """A report written without --target-psnr gets a row that says so (it crashed the table), and
+    a report that matches no entry is named in a warning (it was dropped without a word)."""
+    from fp8_compile.validation.support_table import ENTRIES, build_rows, run_summary
+
+    report = {
+        "model": "flux", "validated_on": "tiny random config", "device": "cpu", "first_collapse": None,
+        "image": {"psnr_db": 41.0, "ssim": 0.99}, "layers": [], "suggestion": {},
+    }
+    runs = {"flux": [run_summary(report)], "FluxPipeline": [run_summary({**report, "model": "FluxPipeline"})]}
+    rows = {row["model"]: row for row in build_rows(ENTRIES, runs)}
+    assert rows["FLUX.1"]["recommendation"].startswith("no verdict: the run had no target PSNR")
+    assert any("['FluxPipeline'] match no entry" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")

@@ -127,6 +127,8 @@ def _recommendation(runs: list[dict[str, Any]]) -> str:
     last = runs[-1]
     if last["first_collapse"]:
         verdict = f"bf16: layer {last['first_collapse']} collapses in FP8"
+    elif last["target_psnr_db"] is None:
+        verdict = "no verdict: the run had no target PSNR (validate --target-psnr)"
     elif last["target_met"] and not last["ignored_layers"]:
         verdict = "fp8"
     elif last["target_met"]:
@@ -160,6 +162,9 @@ def build_rows(entries: Sequence[SupportEntry], runs: dict[str, list[dict[str, A
                        ignored_layers={"measured": measured, "documented": list(entry.documented_ignored)},
                        validated_on=[_validated_on(run) for run in entry_runs])
         rows.append(row)
+    unmatched = sorted(set(runs) - {entry.subject for entry in entries})
+    if unmatched:
+        logger.warning("support table: reports of %s match no entry of the table and are left out", unmatched)
     return rows
 
 
