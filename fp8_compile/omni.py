@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import importlib
-import importlib.util
 import inspect
 import json
 import logging
@@ -40,7 +38,6 @@ from fp8_compile.report import QuantizationReport
 logger = logging.getLogger("fp8_compile")
 
 DENOISERS = ("transformer", "transformer_2", "unet")
-CACHE_MODULE = "fp8_compile.caching"
 # Components that are never quantized: the VAE's cost is in its convolutions, which FP8 linears
 # leave alone, and its output is the image itself.
 KEPT_IN_BF16 = ("vae",)
@@ -185,12 +182,9 @@ def _check_cache_backend(cache_backend: str | None, cache_config: Mapping[str, A
         if cache_config is not None:
             raise ValueError("cache_config was given without a cache_backend")
         return
-    if importlib.util.find_spec(CACHE_MODULE) is None:
-        raise NotImplementedError(
-            f"cache_backend {cache_backend!r} is not available yet: this installation has no {CACHE_MODULE} "
-            "module; run without cache_backend"
-        )
-    importlib.import_module(CACHE_MODULE).parse_cache_config(cache_backend, cache_config)
+    from fp8_compile import caching
+
+    caching.parse_cache_config(cache_backend, cache_config)
 
 
 class _StageClock:
@@ -344,7 +338,9 @@ class Omni:
         for name, config in self.configs.items():
             self.reports[name] = self._quantize(name, config)
         if cache_backend is not None:
-            importlib.import_module(CACHE_MODULE).apply_cache(self.pipeline, cache_backend, dict(cache_config or {}))
+            from fp8_compile import caching
+
+            caching.apply_cache(self.pipeline, cache_backend, dict(cache_config or {}))
         if not enforce_eager:
             for name, config in self.configs.items():
                 _compile(getattr(self.pipeline, name), config)
