@@ -276,6 +276,11 @@ def _call_kwargs(pipeline: Any, params: OmniDiffusionSamplingParams) -> dict[str
     per_prompt = next((n for n in ("num_images_per_prompt", "num_videos_per_prompt") if n in accepted), None)
     if per_prompt is not None:
         kwargs[per_prompt] = params.num_outputs_per_prompt
+    elif params.num_outputs_per_prompt != 1:
+        raise ValueError(
+            f"{type(pipeline).__name__} takes no number of outputs per prompt "
+            f"(sampling parameter num_outputs_per_prompt={params.num_outputs_per_prompt})"
+        )
     if params.seed is not None:
         kwargs["generator"] = torch.Generator("cpu").manual_seed(params.seed)
     return kwargs

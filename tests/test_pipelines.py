@@ -284,3 +284,14 @@ def test_cache_backend_is_handed_to_apply_cache(pipeline_dir, monkeypatch):
     Omni(pipeline_dir("z_image"), quantization="fp8", cache_backend="tea_cache",
          cache_config={"rel_l1_thresh": 0.2}, enforce_eager=True)
     assert calls == [("ZImagePipeline", "tea_cache", {"rel_l1_thresh": 0.2})]
+
+
+def test_outputs_per_prompt_on_a_pipeline_without_them_is_refused():
+    class OneImagePipeline:  # a pipeline whose __call__ has no num_images_per_prompt
+        def __call__(self, prompt, num_inference_steps=28, height=None, width=None):
+            pass
+
+    params = OmniDiffusionSamplingParams(num_inference_steps=2, num_outputs_per_prompt=2)
+    with pytest.raises(ValueError, match=r"OneImagePipeline takes no number of outputs per prompt"):
+        omni_module._call_kwargs(OneImagePipeline(), params)
+    assert "num_images_per_prompt" not in omni_module._call_kwargs(OneImagePipeline(), OmniDiffusionSamplingParams(num_inference_steps=2))

@@ -20,9 +20,9 @@ SIDE_BY_SIDE = "images.png"
 
 @dataclass
 class ValidationReport:
-    model: str  # subject name: a zoo name or "digits"
+    model: str  # subject name: a zoo name, "digits", or a pipeline's class name
     model_class: str
-    validated_on: str  # "tiny random config", "full-size random weights", "our trained model"
+    validated_on: str  # "tiny random config", "full-size random weights", "our trained model", "pipeline folder ..."
     options: dict[str, Any]  # the omni_fp8 options of the FP8 run that differ from the defaults
     quantization: str  # the quantization report's summary
     steps: int
