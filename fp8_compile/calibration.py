@@ -145,14 +145,25 @@ def zoo_runs(spec: Any, model: nn.Module, steps: int, resolution: Any, dtype: to
 
 
 def pipeline_runs(
-    folder: str, prompts: list[str], steps: int, height: int, width: int, device: str
+    folder: str, prompts: list[str], steps: int, height: int, width: int, device: str, component: str | None = None
 ) -> tuple[nn.Module, Callable[[], Any]]:
-    """A local diffusers pipeline's denoiser, and a run of the pipeline over ``prompts`` and all
-    ``steps`` (the latents are kept: decoding them adds nothing to the denoiser's statistics)."""
+    """A local diffusers pipeline's denoiser (``component``, by default its transformer or unet),
+    and a run of the pipeline over ``prompts`` and all ``steps`` (the latents are kept: decoding
+    them adds nothing to the denoiser's statistics)."""
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16).to(device)
-    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    component = component or ("transformer" if getattr(pipe, "transformer", None) is not None else "unet")
+    denoiser = getattr(pipe, component, None)
+    if not isinstance(denoiser, nn.Module):
+        raise ValueError(f"--component {component!r}: {type(pipe).__name__} has no such model")
+    if component == "transformer" and getattr(pipe, "transformer_2", None) is not None:
+        # Wan2.2's two experts share a class and layer names, so the scales would load into either
+        logger.warning(
+            "calibration: %s has a second denoiser, 'transformer_2', which runs other steps; calibrate it "
+            "on its own with --component transformer_2 (these scales are the first one's)",
+            type(pipe).__name__,
+        )
     run = lambda: pipe(prompts, height=height, width=width, num_inference_steps=steps, output_type="latent")  # noqa: E731
     return denoiser, run
 
@@ -169,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument("--pipeline", help="a local diffusers pipeline folder; its denoiser is calibrated")
     parser.add_argument("--size", default="tiny", choices=["tiny", "full"], help="zoo model size")
     parser.add_argument("--seed", type=int, default=0, help="zoo model seed (use the one the model is built with)")
+    parser.add_argument("--component", help="the pipeline's denoiser to calibrate (default: transformer, or unet)")
     parser.add_argument("--prompts", nargs="+", default=["a photo of a cat"], help="pipeline prompts")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per prompt (zoo: forward calls)")
     parser.add_argument("--height", type=int, default=128)
@@ -188,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         resolution = Resolution(args.height, args.width)
         runs: Any = zoo_runs(spec, model, args.steps, resolution, torch.bfloat16, args.device)
     else:
-        model, runs = pipeline_runs(args.pipeline, args.prompts, args.steps, args.height, args.width, args.device)
+        model, runs = pipeline_runs(args.pipeline, args.prompts, args.steps, args.height, args.width, args.device, args.component)
     scales = calibrate(model, runs, {"ignored_layers": args.ignored_layers}, args.method, args.percentile)
     save_activation_scales(scales, args.out)
     print(f"wrote {len(scales.scales)} activation scales of {scales.model_class} to {args.out}")

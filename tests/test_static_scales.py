@@ -232,3 +232,11 @@ def test_calibration_over_a_whole_pipeline(tmp_path):
     flux, _ = build("flux")
     w8a8 = {layer.name for layer in fp8_compile.quantize_(flux).by_decision(Decision.FP8)}
     assert scales.model_class == "FluxTransformer2DModel" and set(scales.scales) == w8a8 and len(w8a8) == 37
+
+
+def test_calibration_names_a_component_the_pipeline_lacks(tmp_path):
+    from fp8_compile.tiny_pipelines import write_tiny_pipeline
+
+    folder = write_tiny_pipeline("flux", tmp_path / "pipe")
+    with pytest.raises(ValueError, match=r"--component 'transformer_2': FluxPipeline has no such model"):
+        calibration_main(["--pipeline", str(folder), "--component", "transformer_2", "--out", str(tmp_path / "x.safetensors"), "--device", "cpu"])
