@@ -33,6 +33,14 @@ def flux_skeleton() -> nn.Module:
         return DITS["flux"].build("tiny", torch.bfloat16, "cpu")
 
 
+def saved_flux(tmp_path, options=None):
+    """The tiny FLUX converted with ``options`` and saved: (model, report, file)."""
+    model, _ = build("flux")
+    report = fp8_compile.quantize_(model, options)
+    save_quantized(model, tmp_path / "flux.safetensors")
+    return model, report, tmp_path / "flux.safetensors"
+
+
 def same_tensors(a: nn.Module, b: nn.Module) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -185,9 +193,7 @@ def test_public_checkpoint_loads_like_the_in_memory_conversion(tmp_path, checkpo
 
 
 def test_checkpoint_for_another_model_is_refused(tmp_path):
-    model, _ = build("flux")
-    fp8_compile.quantize_(model)
-    save_quantized(model, tmp_path / "flux.safetensors")
+    saved_flux(tmp_path)
     with skeleton():
         other = DITS["wan"].build("tiny", torch.bfloat16, "cpu")
     with pytest.raises(ValueError, match=r"flux.safetensors' holds a FluxTransformer2DModel, not a WanTransformer3DModel"):
@@ -205,14 +211,11 @@ def test_checkpoint_for_another_model_is_refused(tmp_path):
 def test_checkpoint_of_another_configuration_is_refused(tmp_path, checkpoint_format):
     """The same class built with another width: refused while loading, naming a tensor and both
     shapes (it loaded, and failed later inside a forward)."""
-    model, _ = build("flux")
     if checkpoint_format == "own":
-        fp8_compile.quantize_(model)
-        path = tmp_path / "flux.safetensors"
-        save_quantized(model, path)
+        _, _, path = saved_flux(tmp_path)
     else:
         path = tmp_path / "ckpt"
-        write_block_fp8(model, path)
+        write_block_fp8(build("flux")[0], path)
     with skeleton():
         wider = DITS["flux"].build("tiny", torch.bfloat16, "cpu", num_attention_heads=4)
     with pytest.raises(ValueError, match=r"linear_1.weight is \[64, 256\] there but \[128, 256\] in this FluxTransformer2DModel"):
@@ -221,12 +224,10 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path, checkpoint_for
 
 def test_checkpoint_tensors_take_the_models_dtype(tmp_path):
     """A skeleton built in float16 gets its non-FP8 tensors in float16, not the stored bfloat16."""
-    model, _ = build("flux")
-    fp8_compile.quantize_(model)
-    save_quantized(model, tmp_path / "flux.safetensors")
+    _, _, path = saved_flux(tmp_path)
     with skeleton():
         fresh = DITS["flux"].build("tiny", torch.float16, "cpu")
-    load_quantized(fresh, tmp_path / "flux.safetensors")
+    load_quantized(fresh, path)
     assert fresh.norm_out.linear.bias.dtype == torch.float16 and fresh.x_embedder.weight.dtype == torch.float8_e4m3fn
 
 
@@ -254,11 +255,10 @@ def test_checkpoint_missing_scale_of_an_fp8_layer_names_it(tmp_path):
 def test_a_loaded_checkpoint_compiles_without_quantizing_its_bf16_layers(tmp_path):
     """The layers a checkpoint keeps in BF16 (here by ignored_layers) stay BF16 when the loaded
     model is compiled with omni_fp8; they were quantized as not-yet-converted layers before."""
-    model, inputs = build("flux")
-    report = fp8_compile.quantize_(model, {"ignored_layers": ["ff_context"]})
-    save_quantized(model, tmp_path / "flux.safetensors")
+    _, report, path = saved_flux(tmp_path, {"ignored_layers": ["ff_context"]})
+    _, inputs = build("flux")
     fresh = flux_skeleton()
-    load_quantized(fresh, tmp_path / "flux.safetensors")
+    load_quantized(fresh, path)
     with torch.no_grad():
         torch.compile(fresh, backend="omni_fp8")(**inputs)
     assert fp8_compile.quantization_report(fresh).num_quantized == report.num_quantized
