@@ -152,7 +152,9 @@ def pipeline_runs(
     them adds nothing to the denoiser's statistics)."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16).to(device)
+    from fp8_compile.omni import dtype_kwarg
+
+    pipe = DiffusionPipeline.from_pretrained(folder, **dtype_kwarg(torch.bfloat16)).to(device)
     component = component or ("transformer" if getattr(pipe, "transformer", None) is not None else "unet")
     denoiser = getattr(pipe, component, None)
     if not isinstance(denoiser, nn.Module):

@@ -61,12 +61,14 @@ def load_digits_dit(
     """The trained model, in eval mode (so no class label is dropped at random)."""
     from diffusers import DiTTransformer2DModel
 
+    from fp8_compile.omni import dtype_kwarg
+
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"no digits DiT checkpoint in {path}: train one with examples/train_digits_dit.py --out {path}"
         )
-    model = DiTTransformer2DModel.from_pretrained(path, torch_dtype=dtype)
+    model = DiTTransformer2DModel.from_pretrained(path, **dtype_kwarg(dtype))
     return model.to(device).eval()
 
 

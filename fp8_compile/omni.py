@@ -253,6 +253,14 @@ class _StageClock:
         return self._now() - self.start
 
 
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """diffusers' ``from_pretrained`` argument for the dtype: 0.42 renamed ``torch_dtype`` to
+    ``dtype`` (the old name warns)."""
+    import diffusers
+
+    return {"dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype": dtype}
+
+
 def _call_kwargs(pipeline: Any, params: OmniDiffusionSamplingParams) -> dict[str, Any]:
     """The pipeline ``__call__`` arguments for ``params``; ValueError for one the pipeline lacks."""
     accepted = inspect.signature(pipeline.__call__).parameters
@@ -353,11 +361,7 @@ class Omni:
     def _load(self, model: str | os.PathLike, dtype: torch.dtype) -> Any:
         from diffusers import DiffusionPipeline
 
-        import diffusers
-
-        # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype (the old name warns).
-        dtype_key = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
-        pipeline = DiffusionPipeline.from_pretrained(os.fspath(model), **{dtype_key: dtype})
+        pipeline = DiffusionPipeline.from_pretrained(os.fspath(model), **dtype_kwarg(dtype))
         pipeline.set_progress_bar_config(disable=None, leave=False)
         return pipeline.to(self.device)
 

@@ -79,7 +79,9 @@ def fit_coefficients(samples: Sequence[tuple[float, float]], degree: int = 4) ->
 def _record_pipeline(args: argparse.Namespace) -> tuple[str, TeaCacheRecorder]:
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=getattr(torch, args.dtype)).to(args.device)
+    from fp8_compile.omni import dtype_kwarg
+
+    pipe = DiffusionPipeline.from_pretrained(args.pipeline, **dtype_kwarg(getattr(torch, args.dtype))).to(args.device)
     denoiser = getattr(pipe, args.component, None)
     if not isinstance(denoiser, nn.Module):
         raise SystemExit(f"{args.pipeline}: the pipeline has no component {args.component!r}")

@@ -194,9 +194,11 @@ def pipeline_subject(
     """A diffusers pipeline loaded from ``folder`` in BF16; its denoiser(s) get quantized."""
     from diffusers import DiffusionPipeline
 
+    from fp8_compile.omni import dtype_kwarg
+
     if not (Path(folder) / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16).to(device)
+    pipe = DiffusionPipeline.from_pretrained(folder, **dtype_kwarg(torch.bfloat16)).to(device)
     pipe.set_progress_bar_config(disable=True)  # sensitivity runs it dozens of times
     denoisers = {name: getattr(pipe, name) for name in DENOISER_COMPONENTS if getattr(pipe, name, None) is not None}
     if not denoisers:
