@@ -52,6 +52,7 @@ class QuantizeLinear(GraphPass):
                     ops.fp8_matmul, (x_fp8, x_scale, weight, weight_scale, bias, out_dtype, fast_accum)
                 )
                 y = g.call_function(restore_leading_dims, (y2d, x))
+            y.meta["example_value"] = node.meta["example_value"]  # the same value: later passes read its shape
             node.replace_all_uses_with(y)
             g.erase_node(node)
             layer.node = y

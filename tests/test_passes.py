@@ -117,3 +117,25 @@ def test_a_broadcast_gate_is_not_fused_into_the_row_quantization():
         expected = model(**inputs)
         compiled = torch.compile(model, backend="omni_fp8")(**inputs)
     assert rel_error(compiled, expected) < 1e-3  # the same FP8 arithmetic, compiled
+
+
+@pytest.mark.parametrize("name", ["z_image", "flux2_klein"])
+def test_swiglu_is_quantized_in_one_pass(name):
+    """SwiGLU's silu(w1(x)) * w3(x) (Z-Image) and silu(a) * b of one projection (FLUX.2): each
+    feed-forward's down projection reads one fused row quantization (4 in either tiny model).
+    Z-Image's gate is an FP8 linear's output, a node the quantize pass makes: it must carry the
+    shape the fusion checks (without it Z-Image fused none)."""
+    model, inputs = build(name)
+    fp8_compile.quantize_(model)
+    activations = []
+
+    def passes_only(gm, example_inputs):
+        graph = Fp8Graph(gm, list(example_inputs), Fp8Config(), torch.device("cpu"), Lowering.W8A8)
+        MatchLinearLayers()(graph)
+        FP8_PASSES(graph)
+        activations.extend(node.args[3] for node in graph.gm.graph.nodes if node.target is ops.quantize_rows)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=passes_only)(**inputs)
+    assert activations == ["silu_mul"] * 4
