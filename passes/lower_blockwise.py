@@ -43,5 +43,6 @@ class LowerBlockScaledLinear(GraphPass):
                     block_scaled_mm, (x_fp8, x_scale, weight, weight_scale, bias, (block_n, block_k), out_dtype)
                 )
                 y = g.call_function(restore_leading_dims, (y2d, x))
+            y.meta["example_value"] = node.meta["example_value"]  # the same value: a next layer reads its shape
             node.replace_all_uses_with(y)
             g.erase_node(node)

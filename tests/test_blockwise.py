@@ -116,3 +116,14 @@ def test_compiled_block_layers_run_the_block_gemm(block):
     # the group quantization (a per-group amax) is fused into the LayerNorm's kernel
     assert len(re.findall(r"\bcpp_fused_\w*native_layer_norm\w*amax\w*\b|\bcpp_fused_\w*amax\w*native_layer_norm\w*\b", code)) >= 1
     assert rel_error(out, eager) < 2**-6
+
+
+def test_consecutive_block_layers_compile():
+    """A block layer fed by another (no op between them) reads the shape of a node the lowering
+    made: compiling such a model failed with KeyError 'example_value'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 128)).to(torch.bfloat16)
+    x = torch.randn(4, 16, 256, dtype=torch.bfloat16)
+    fp8_compile.quantize_(model, {"weight_block_size": [128, 128]})
+    with torch.no_grad():
+        assert rel_error(torch.compile(model, backend="omni_fp8")(x), model(x)) < 2**-6
