@@ -233,6 +233,11 @@ def chunk_rows(rows: int, columns: int, chunk_elements: int) -> int:
     return min(rows, -(-step // CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE)
 
 
+def _dequantize_rows_reference(weight: torch.Tensor, weight_scale: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[:] = weight * weight_scale`` in torch: the CPU's stand-in for the Triton kernel."""
+    torch.mul(weight.float(), weight_scale.float(), out=out)
+
+
 @torch.library.custom_op("fp8_compile::dequantized_chunks_mm", mutates_args=())
 def dequantized_chunks_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """[M, K] x [N, K] FP8 weight^T: each slice of the weight's rows is dequantized into one
@@ -246,16 +251,14 @@ def dequantized_chunks_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: t
     step = chunk_rows(N, K, DEQUANTIZED_CHUNK_ELEMENTS)
     buffer = x.new_empty(step, K)
     per_row = weight_scale.numel() > 1
+    if x.is_cuda:
+        from fp8_compile.triton_kernels import dequantize_rows_into
+    else:
+        dequantize_rows_into = _dequantize_rows_reference
     for start in range(0, N, step):
         rows = slice(start, min(start + step, N))
         w = buffer[: rows.stop - start]
-        scale = weight_scale.reshape(-1, 1)[rows] if per_row else weight_scale
-        if x.is_cuda:
-            from fp8_compile.triton_kernels import dequantize_rows_into
-
-            dequantize_rows_into(weight[rows], scale, w)
-        else:
-            torch.mul(weight[rows].float(), scale.float(), out=w)
+        dequantize_rows_into(weight[rows], weight_scale.reshape(-1, 1)[rows] if per_row else weight_scale, w)
         torch.mm(x, w.t(), out=out[:, rows])
     return out
 

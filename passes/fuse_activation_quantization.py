@@ -64,7 +64,7 @@ def _activation_of(node: fx.Node, user: fx.Node) -> tuple[fx.Node, fx.Node | Non
 
 
 def _same_shape(*nodes: fx.Node) -> bool:
-    shapes = [n.meta.get("example_value").shape if isinstance(n, fx.Node) and "example_value" in n.meta else None for n in nodes]
+    shapes = [getattr(node.meta.get("example_value"), "shape", None) for node in nodes]
     return None not in shapes and all(shape == shapes[0] for shape in shapes)
 
 

@@ -7,8 +7,9 @@ Qwen-Image and Z-Image rotate queries and keys as
 Inductor generates no code for complex tensors: the multiply runs as an eager ATen kernel
 between two Inductor kernels that write and re-read the queries and keys in float32 (5.2 ms of
 a Qwen-Image forward on an H100, BF16 and FP8 alike). The same product written on the real and
-imaginary parts fuses into the RMSNorm kernel before it (Z-Image's FP8 forward: 84.1 -> 77.3 ms). The numbers are the complex
-product's: (a + bi)(c + di) = (ac - bd) + (ad + bc)i, in the same float32.
+imaginary parts fuses into the RMSNorm kernel before it (Z-Image's FP8 forward: 84.1 -> 77.3 ms).
+The numbers are the complex product's: (a + bi)(c + di) = (ac - bd) + (ad + bc)i, in the same
+float32.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from fp8_compile.passes.graph import MUL_TARGETS, Fp8Graph
 from fp8_compile.passes.pass_manager import GraphPass
+
 
 def rotate_pairs(pairs: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """``view_as_real(view_as_complex(pairs) * freqs)`` for real ``pairs`` [..., 2] and complex ``freqs``.

@@ -19,7 +19,7 @@ from torch._inductor.utils import run_and_get_code
 import fp8_compile
 from fp8_compile import Decision, ScaledLinear, ops
 from fp8_compile.activation_scales import ActivationScales, load_activation_scales, save_activation_scales
-from fp8_compile.calibration import calibrate, main as calibration_main, zoo_runs
+from fp8_compile.calibration import calibrate, main as calibration_main, pipeline_runs, zoo_runs
 from fp8_compile.zoo import DITS
 
 from conftest import DEVICES, SMALL, build, first_output, rel_error
@@ -240,3 +240,17 @@ def test_calibration_names_a_component_the_pipeline_lacks(tmp_path):
     folder = write_tiny_pipeline("flux", tmp_path / "pipe")
     with pytest.raises(ValueError, match=r"--component 'transformer_2': FluxPipeline has no such model"):
         calibration_main(["--pipeline", str(folder), "--component", "transformer_2", "--out", str(tmp_path / "x.safetensors"), "--device", "cpu"])
+
+
+def test_calibrating_wan_picks_an_expert_and_warns_of_the_other(tmp_path, caplog):
+    """Wan2.2's experts share a class and layer names: the default (transformer) warns that
+    transformer_2 needs its own run, and --component transformer_2 calibrates that one."""
+    from fp8_compile.tiny_pipelines import write_tiny_pipeline
+
+    folder = write_tiny_pipeline("wan", tmp_path / "pipe")
+    first, _ = pipeline_runs(str(folder), ["a cat"], 1, 64, 64, "cpu")
+    assert any("calibrate it on its own with --component transformer_2" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    second, _ = pipeline_runs(str(folder), ["a cat"], 1, 64, 64, "cpu", component="transformer_2")
+    assert second is not first and type(second) is type(first)
+    assert not any("--component transformer_2" in r.getMessage() for r in caplog.records)
