@@ -83,7 +83,9 @@ def test_fp8_linear_takes_float32_activations_with_a_bias():
     out = ops.fp8_linear(x, wq, scale, bias, "per_row", False)
     xq, x_scale = ops.quantize_activation(x, "per_row")
     ref = (xq.double() * x_scale.double()) @ (wq.double() * scale.double()).T + bias.double()
-    assert out.dtype == torch.float32 and ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+    # Hopper's FP8 tensor cores accumulate below float32 precision (1.3e-4 measured on an H100);
+    # a bias left out would be off by ~6% (|bias| ~1 against outputs ~16)
+    assert out.dtype == torch.float32 and ((out.double() - ref).norm() / ref.norm()).item() < 1e-3
 
 
 def test_fp8_linear_takes_a_transposed_activation():
