@@ -38,6 +38,7 @@ from fp8_compile.passes import (
     LowerWeightOnly,
     MatchLinearLayers,
     PassManager,
+    QuantizeAttention,
     QuantizeLinear,
     RealRotaryEmbedding,
     ShareActivationQuantization,
@@ -52,6 +53,7 @@ FP8_PASSES = PassManager(
         UseWeightOnlyWithoutFp8Gemm(),  # lower: no FP8 GEMM on this device -> weight-only
         RealRotaryEmbedding(),  # fuse: complex rotary embeddings as real arithmetic Inductor can fuse
         QuantizeLinear(),  # quantize: activation-quantize + scaled-mm nodes
+        QuantizeAttention(),  # quantize: FP8 Q/K/V + cuDNN FP8 attention (option fp8_attention)
         LowerBlockScaledLinear(),  # quantize: block-FP8 layers -> group-quantize + block-scaled GEMM
         ShareActivationQuantization(),  # fuse: one quantization per activation read by several layers
         FuseActivationQuantization(),  # fuse: GELU / SiLU-gating (+ cat) and the quantization in one pass

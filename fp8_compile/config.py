@@ -168,6 +168,8 @@ class Fp8Config:
     ``lowering`` forces how FP8 layers run: ``"w8a8"`` (FP8 x FP8 GEMM, SM89+ and the CPU),
     ``"weight_only"`` (FP8 weights dequantized inside a BF16 GEMM, as on SM80) or ``"auto"``
     (chosen from the device's compute capability).
+    ``fp8_attention`` also runs attention in FP8 (Q, K, V scaled per tensor, cuDNN's FP8 kernel;
+    Hopper or newer, and the CPU reference): faster, with an error of its own, see the README.
     ``strict`` makes an Inductor failure on a graph raise; by default that graph runs its FP8
     operations uncompiled (slower, same numerics) with a warning naming it.
     """
@@ -186,6 +188,7 @@ class Fp8Config:
     towers: str = "bf16"
     strict: bool = False
     lowering: str = "auto"
+    fp8_attention: bool = False
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | Fp8Config | None) -> Fp8Config:
@@ -231,12 +234,18 @@ class Fp8Config:
         _flag("fast_accum", self.fast_accum)
         _flag("cudagraphs", self.cudagraphs)
         _flag("strict", self.strict)
+        _flag("fp8_attention", self.fp8_attention)
         _choice("lowering", self.lowering, LOWERINGS)
         if self.weight_block_size is not None and self.lowering == "weight_only":
             raise ValueError(
                 "omni_fp8 option 'lowering'='weight_only' does not apply to 'weight_block_size': block-scaled "
                 "layers quantize their activations per (1 x block_k) group and run their own kernel on every "
                 "GPU; leave 'lowering' at 'auto'"
+            )
+        if self.fp8_attention and self.lowering == "weight_only":
+            raise ValueError(
+                "omni_fp8 option 'fp8_attention' quantizes attention's activations, which 'lowering'='weight_only' "
+                "keeps in BF16 (it stands for GPUs without FP8 tensor cores); use one or the other"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """The graph passes of omni_fp8, one transformation per module (installed as ``fp8_compile.passes``).
 
 The backend applies them in this order: match -> (lower to weight-only where the device has no
-FP8 GEMM) -> rotary embeddings in real arithmetic -> quantize -> lower block-scaled layers -> share activation quantization -> fuse
-activation functions into the quantization -> lower weight-only layers; Inductor then fuses the
-remaining element-wise work into its kernels and generates them.
+FP8 GEMM) -> rotary embeddings in real arithmetic -> quantize linears -> quantize attention (option
+``fp8_attention``) -> lower block-scaled layers -> share activation quantization -> fuse activation
+functions into the quantization -> lower weight-only layers; Inductor then fuses the remaining
+element-wise work into its kernels and generates them.
 """
 
 from fp8_compile.passes.fuse_activation_quantization import FuseActivationQuantization
@@ -20,6 +21,7 @@ from fp8_compile.passes.lower_blockwise import LowerBlockScaledLinear
 from fp8_compile.passes.lower_weight_only import LowerWeightOnly, UseWeightOnlyWithoutFp8Gemm
 from fp8_compile.passes.match_layers import MatchLinearLayers
 from fp8_compile.passes.pass_manager import GraphPass, PassManager
+from fp8_compile.passes.quantize_attention import QuantizeAttention
 from fp8_compile.passes.quantize_linear import QuantizeLinear
 from fp8_compile.passes.real_rotary import RealRotaryEmbedding
 from fp8_compile.passes.share_activation_quantization import ShareActivationQuantization
@@ -36,6 +38,7 @@ __all__ = [
     "Lowering",
     "MatchLinearLayers",
     "PassManager",
+    "QuantizeAttention",
     "QuantizeLinear",
     "RealRotaryEmbedding",
     "ShareActivationQuantization",

@@ -54,6 +54,7 @@ class Fp8Graph:
     device: torch.device
     lowering: Lowering
     layers: list[LinearLayer] = field(default_factory=list)
+    fp8_attention_calls: int = 0  # attention calls QuantizeAttention moved to FP8
 
     def placeholder_values(self) -> dict[fx.Node, object]:
         """The example input bound to each placeholder node."""

@@ -1,5 +1,7 @@
-"""Triton kernels (weight-only GEMM, row quantization) and the persistent-reduction choice, on CUDA."""
+"""Triton kernels (weight-only GEMM, row quantization), the persistent-reduction choice, eager
+W8A8 corner cases and FP8 attention, on CUDA."""
 
+import copy
 import re
 
 import pytest
@@ -7,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
 
-from fp8_compile import ops
+from fp8_compile import attention, ops
+from fp8_compile.zoo import DITS
 
-from conftest import CUDA
+from conftest import CUDA, SMALL, first_output, rel_error
 
 pytestmark = CUDA
 
@@ -95,3 +98,51 @@ def test_fp8_linear_takes_a_transposed_activation():
     wq, scale = ops.quantize_weight(torch.randn(128, 256, device="cuda", dtype=torch.bfloat16), "per_row")
     out = ops.fp8_linear(x, wq, scale, None, "per_row", True)
     assert torch.equal(out, ops.fp8_linear(x.contiguous(), wq, scale, None, "per_row", True))
+
+
+def test_fp8_attention_matches_its_reference():
+    """cuDNN's FP8 attention against the CPU's reference of it (the same FP8 operands, the
+    probabilities and the output rounded to FP8 where cuDNN rounds them) and against exact
+    attention, on FLUX-like operands stored token-major as a linear layer writes them."""
+    pytest.importorskip("cudnn")
+    if torch.cuda.get_device_capability() < attention.MIN_CAPABILITY:
+        pytest.skip("cuDNN's FP8 attention needs Hopper or newer")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 1024, 4, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    q, k = q * 1.5, k * 1.5  # logits spread as after a q/k RMSNorm
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    out = attention.fp8_attention(q, k, v, 128**-0.5)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape and out.stride() == q.stride()
+    (q8, sq), (k8, sk), (v8, sv) = (ops.quantize_activation(t, "per_tensor") for t in (q, k, v))
+    reference = attention._reference_sdpa(q8, k8, v8, sq, sk, sv, 128**-0.5).double() * sv
+    error, reference_error = rel_error(out.double(), exact), rel_error(reference, exact)
+    print(f"fp8 attention error {error:.4f}, reference {reference_error:.4f}, apart {rel_error(out.double(), reference):.4f}")
+    # FP8's 3 mantissa bits give each rounding ~3.6% rms; both land at ~9% of exact attention
+    assert error < 0.12 and abs(error - reference_error) < 0.02
+    # where they round differently (cuDNN's running row max) they differ by about one FP8 step
+    assert rel_error(out.double(), reference) < 0.05
+
+
+def test_compiled_flux_with_fp8_attention_replays_as_cuda_graphs():
+    """Tiny FLUX (head dim 64) through Inductor with FP8 attention and CUDA graphs: cuDNN's op
+    is captured and replayed, the output moves (attention really is quantized), and its error
+    against the float32 model stays at that of the FP8 linears alone (1.3x, as on the CPU)."""
+    pytest.importorskip("cudnn")
+    if torch.cuda.get_device_capability() < attention.MIN_CAPABILITY:
+        pytest.skip("cuDNN's FP8 attention needs Hopper or newer")
+    spec = DITS["flux"]
+    torch.manual_seed(0)
+    model = spec.build("tiny", torch.float32, "cuda", attention_head_dim=64, axes_dims_rope=(16, 24, 24))
+    torch.manual_seed(1)
+    inputs = spec.inputs(model, SMALL, torch.float32, "cuda")
+    outputs = {}
+    with torch.no_grad():
+        expected = first_output(model(**inputs))
+        for fp8_attention in (False, True):
+            torch._dynamo.reset()
+            options = {"fp8_attention": fp8_attention, "cudagraphs": True}
+            compiled = torch.compile(copy.deepcopy(model), backend="omni_fp8", options=options)
+            for _ in range(3):  # warm-up, record, replay
+                outputs[fp8_attention] = first_output(compiled(**inputs)).clone()
+    assert rel_error(outputs[True], outputs[False]) > 1e-3
+    assert rel_error(outputs[True], expected) < 1.3 * rel_error(outputs[False], expected)

@@ -1,0 +1,220 @@
+"""FP8 attention (option ``fp8_attention``): Q, K and V scaled per tensor into e4m3 and
+multiplied on cuDNN's FP8 flash-attention kernel (NVIDIA's ``nvidia-cudnn-frontend`` package).
+
+One scale per tensor, because that is what cuDNN's FP8 attention takes. The output needs no
+amax of its own: each output row is a convex combination of V's rows (softmax weights are
+non-negative and sum to 1), so |O| <= max|V| and V's scale fits O too. The probabilities are
+quantized before they multiply V, as exp(S - rowmax) <= 1 times 448, and divided by their row
+sum afterwards, as a flash-attention kernel does.
+
+:func:`fp8_attention` is a plain function the ``QuantizeAttention`` pass puts in place of
+``scaled_dot_product_attention``: Inductor fuses its quantizations into the kernels that make Q,
+K and V (the norm and rotary embedding) and its dequantization into the kernel that reads the
+output; ``fp8_compile::fp8_sdpa`` is the opaque op between them. On the CPU that op is a
+reference written in torch that rounds where cuDNN rounds, for tests and development.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+from fp8_compile import ops
+
+# exp(S - rowmax) <= 1 is scaled to e4m3's largest value before it is cast
+PROBABILITY_SCALE = ops.FP8_MAX
+# the shapes cuDNN's FP8 attention supports (head dims up to 128, multiples of 16)
+MAX_HEAD_DIM = 128
+HEAD_DIM_MULTIPLE = 16
+MIN_CAPABILITY = (9, 0)  # cuDNN runs FP8 attention on Hopper and newer
+INSTALL_HINT = "pip install 'fp8-compile[fp8-attention]' (NVIDIA's nvidia-cudnn-frontend)"
+
+
+def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scaled_dot_product_attention(query, key, value, scale=scale)`` with FP8 operands."""
+    q8, q_scale = ops.quantize_activation(query, "per_tensor")
+    k8, k_scale = ops.quantize_activation(key, "per_tensor")
+    v8, v_scale = ops.quantize_activation(value, "per_tensor")
+    # the output's scale is V's (see above); its reciprocal fuses into V's quantization kernel
+    out8 = fp8_sdpa(q8, k8, v8, q_scale, k_scale, v_scale, v_scale.reciprocal(), scale)
+    return (out8.float() * v_scale).to(query.dtype)
+
+
+@torch.library.custom_op("fp8_compile::fp8_sdpa", mutates_args=())
+def fp8_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_scale: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    out_inverse_scale: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of FP8 [batch, heads, tokens, head_dim] operands with float32 per-tensor scales;
+    the output is FP8 in V's scale (``out_inverse_scale`` = 1 / ``v_scale``), laid out like ``q``."""
+    if q.is_cuda:
+        return _cudnn_sdpa(q, k, v, q_scale, k_scale, v_scale, out_inverse_scale, scale)
+    return _reference_sdpa(q, k, v, q_scale, k_scale, v_scale, scale)
+
+
+@fp8_sdpa.register_fake
+def _(q, k, v, q_scale, k_scale, v_scale, out_inverse_scale, scale):
+    return torch.empty_like(q)
+
+
+def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
+    """Why these operands cannot take the FP8 kernel, or None when they can."""
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return f"operands of {query.dim()} dimensions (4 needed: batch, heads, tokens, head_dim)"
+    if key.shape != value.shape or query.shape[:2] != key.shape[:2] or query.shape[-1] != key.shape[-1]:
+        return f"shapes q {list(query.shape)}, k {list(key.shape)}, v {list(value.shape)} (grouped or mixed heads)"
+    head_dim = query.shape[-1]
+    if head_dim > MAX_HEAD_DIM or head_dim % HEAD_DIM_MULTIPLE:
+        return f"head dim {head_dim} (cuDNN's FP8 attention takes multiples of {HEAD_DIM_MULTIPLE} to {MAX_HEAD_DIM})"
+    if not query.dtype.is_floating_point or query.dtype.itemsize == 1:
+        return f"dtype {query.dtype}"
+    return None
+
+
+def prepare_device(device: torch.device) -> None:
+    """Raise, naming the option, where FP8 attention cannot run (the CPU runs the reference);
+    on a GPU, create cuDNN's handle and the op's constant tensors now, at compile time: made
+    during the first call, they would live in the private memory pool of a CUDA-graph
+    recording, which refuses allocations that outlive it."""
+    if device.type == "cpu":
+        return
+    if device.type != "cuda" or torch.version.hip is not None:
+        raise RuntimeError(f"omni_fp8 option 'fp8_attention' runs on NVIDIA GPUs (cuDNN) and the CPU, not on {device}")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        raise RuntimeError(
+            f"omni_fp8 option 'fp8_attention' needs compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+ "
+            f"(cuDNN's FP8 attention); {torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}. "
+            "Leave 'fp8_attention' off: the linear layers still run in FP8"
+        )
+    _cudnn()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    _handle(index)
+    _constants(index)
+
+
+@functools.cache
+def _cudnn():
+    try:
+        import cudnn
+    except ImportError as error:
+        raise RuntimeError(f"omni_fp8 option 'fp8_attention' needs cuDNN's Python frontend: {INSTALL_HINT}") from error
+    return cudnn
+
+
+def _reference_sdpa(q, k, v, q_scale, k_scale, v_scale, scale):
+    """What the cuDNN kernel computes, in float32 torch: FP8 probabilities, FP8 output."""
+    logits = (q.float() * q_scale) @ (k.float() * k_scale).transpose(-2, -1) * scale
+    probabilities = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+    quantized = (probabilities * PROBABILITY_SCALE).to(ops.FP8_DTYPE).float() / PROBABILITY_SCALE
+    out = quantized @ (v.float() * v_scale) / probabilities.sum(dim=-1, keepdim=True)
+    return torch.empty_like(q).copy_((out / v_scale).clamp(-ops.FP8_MAX, ops.FP8_MAX))
+
+
+class _Plan(NamedTuple):
+    graph: Any
+    tensors: dict[str, Any]  # the graph's tensor handles by name
+    workspace_bytes: int
+
+
+@functools.cache
+def _handle(device_index: int):
+    with torch.cuda.device(device_index):
+        return _cudnn().create_handle()
+
+
+@functools.cache
+def _constants(device_index: int) -> dict[str, torch.Tensor]:
+    """The probability scales and the two amax outputs cuDNN writes (not read here)."""
+
+    def scalar(value: float) -> torch.Tensor:
+        return torch.full((1, 1, 1, 1), value, dtype=torch.float32, device=f"cuda:{device_index}")
+
+    return {
+        "scale_s": scalar(PROBABILITY_SCALE),
+        "descale_s": scalar(1.0 / PROBABILITY_SCALE),
+        "amax_s": scalar(0.0),
+        "amax_o": scalar(0.0),
+    }
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(
+    device_index: int, q_layout: tuple, k_layout: tuple, v_layout: tuple, out_layout: tuple, scale: float
+) -> _Plan:
+    """cuDNN's FP8 attention graph for these (shape, strides) layouts, built once."""
+    cudnn = _cudnn()
+    e4m3, fp32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+    graph = cudnn.pygraph(
+        io_data_type=e4m3, intermediate_data_type=fp32, compute_data_type=fp32, handle=_handle(device_index)
+    )
+    tensors = {
+        name: graph.tensor(name=name, dim=list(shape), stride=list(stride), data_type=e4m3)
+        for name, (shape, stride) in zip("qkv", (q_layout, k_layout, v_layout))
+    }
+    for name in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o"):
+        tensors[name] = graph.tensor(name=name, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=fp32)
+    out, _, amax_s, amax_o = graph.sdpa_fp8(
+        q=tensors["q"], k=tensors["k"], v=tensors["v"],
+        descale_q=tensors["descale_q"], descale_k=tensors["descale_k"], descale_v=tensors["descale_v"],
+        descale_s=tensors["descale_s"], scale_s=tensors["scale_s"], scale_o=tensors["scale_o"],
+        is_inference=True, attn_scale=scale, use_causal_mask=False, name="fp8_sdpa",
+    )  # fmt: skip
+    out.set_output(True).set_dim(list(out_layout[0])).set_stride(list(out_layout[1])).set_data_type(e4m3)
+    for amax in (amax_s, amax_o):
+        amax.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(fp32)
+    tensors.update(out=out, amax_s=amax_s, amax_o=amax_o)
+    try:
+        graph.validate()
+        graph.build_operation_graph()
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        graph.check_support()
+        graph.build_plans()
+    except Exception as error:
+        raise RuntimeError(
+            f"omni_fp8 option 'fp8_attention': cuDNN {cudnn.backend_version()} has no FP8 attention kernel for "
+            f"q {list(q_layout[0])}, k {list(k_layout[0])} (strides {list(q_layout[1])}): {error}. "
+            "Leave 'fp8_attention' off for this model"
+        ) from error
+    return _Plan(graph, tensors, graph.get_workspace_size())
+
+
+def _cudnn_sdpa(q, k, v, q_scale, k_scale, v_scale, out_inverse_scale, scale):
+    cudnn = _cudnn()
+    device_index = q.device.index
+    out = torch.empty_like(q)  # the layout the fake implementation promised
+    # cuDNN takes any strides but a unit stride along the head dim
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    layouts = [(tuple(t.shape), tuple(t.stride())) for t in (q, k, v, out)]
+    plan = _plan(device_index, *layouts, float(scale))
+    constants = _constants(device_index)
+    scalars = {
+        "descale_q": q_scale,
+        "descale_k": k_scale,
+        "descale_v": v_scale,
+        "scale_o": out_inverse_scale,
+        "descale_s": constants["descale_s"],
+        "scale_s": constants["scale_s"],
+    }
+    pack = {plan.tensors[name]: value.reshape(1, 1, 1, 1) for name, value in scalars.items()}
+    pack.update({plan.tensors["q"]: q, plan.tensors["k"]: k, plan.tensors["v"]: v, plan.tensors["out"]: out})
+    pack.update({plan.tensors[name]: constants[name] for name in ("amax_s", "amax_o")})
+    handle = _handle(device_index)
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
+    workspace = torch.empty(plan.workspace_bytes, dtype=torch.uint8, device=q.device)
+    plan.graph.execute(pack, workspace, handle=handle)
+    return out
+
+
+def default_scale(head_dim: int) -> float:
+    """SDPA's softmax scale when none is given."""
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,131 @@
+"""FP8 attention (option ``fp8_attention``): the op's CPU reference, the pass, the errors."""
+
+import logging
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fp8_compile
+from fp8_compile import attention, ops
+from fp8_compile.config import Fp8Config
+
+from conftest import build, first_output, rel_error
+from test_passes import count, traced_after_passes
+
+FP8_ATTENTION = Fp8Config(fp8_attention=True)
+
+
+def operands(heads=2, tokens=256, head_dim=64, seed=0):
+    """Stored token-major (as a linear layer writes them), viewed as [batch, heads, tokens, dim];
+    q and k scaled so that the logits spread as after a q/k RMSNorm."""
+    torch.manual_seed(seed)
+    q, k, v = (torch.randn(1, tokens, heads, head_dim).transpose(1, 2) for _ in range(3))
+    return q * 1.5, k * 1.5, v
+
+
+def test_fp8_attention_rounds_like_fp8_and_no_more():
+    """Against exact attention the error is FP8's (3 mantissa bits: ~3.6% rms per rounding, of
+    Q, K, V, the probabilities and the output: 6-12% in all, 8.3% measured for cuDNN on an H100).
+    Against exact attention of the already quantized Q, K, V only the probabilities and the
+    output are rounded, so the error must be clearly smaller: a kernel that skipped the scales or
+    rounded twice would not be."""
+    q, k, v = operands()
+    out = attention.fp8_attention(q, k, v, 64**-0.5)
+    assert out.dtype == q.dtype and out.shape == q.shape and out.stride() == q.stride()
+    error = rel_error(out, F.scaled_dot_product_attention(q.double(), k.double(), v.double()))
+    assert 0.03 < error < 0.12
+    dequantized = [q8.double() * s for q8, s in (ops.quantize_activation(t, "per_tensor") for t in (q, k, v))]
+    assert rel_error(out, F.scaled_dot_product_attention(*dequantized)) < 0.6 * error
+
+
+def test_fp8_attention_output_scale_is_v_scale():
+    """V 1000x larger, or 1000x smaller, gives the same relative error: the output's FP8 scale
+    follows V's, so it neither overflows nor sinks into e4m3's subnormals."""
+    q, k, v = operands()
+    errors = []
+    for factor in (1e-3, 1.0, 1e3):
+        out = attention.fp8_attention(q, k, v * factor, 64**-0.5)
+        errors.append(rel_error(out, F.scaled_dot_product_attention(q.double(), k.double(), v.double() * factor)))
+    assert max(errors) - min(errors) < 1e-3 and max(errors) < 0.12
+
+
+@pytest.mark.parametrize(
+    "shapes, reason",
+    [
+        (([1, 2, 16, 256], [1, 2, 16, 256], [1, 2, 16, 256]), "head dim 256"),
+        (([1, 2, 16, 40], [1, 2, 16, 40], [1, 2, 16, 40]), "head dim 40"),
+        (([1, 4, 16, 64], [1, 2, 16, 64], [1, 2, 16, 64]), "grouped or mixed heads"),
+        (([2, 16, 64], [2, 16, 64], [2, 16, 64]), "3 dimensions"),
+    ],
+)
+def test_unsupported_operands_are_named(shapes, reason):
+    assert reason in attention.unsupported_reason(*(torch.empty(s) for s in shapes))
+
+
+def test_flux_attention_runs_in_fp8_when_asked():
+    """Tiny FLUX: its 4 attention calls (2 double, 2 single blocks) become FP8 attention with
+    the option and stay SDPA without it."""
+    model, inputs = build("flux")
+    fp8_compile.quantize_(model)
+    graph = traced_after_passes(model, inputs, config=FP8_ATTENTION)
+    assert count(graph, attention.fp8_attention) == 4 and count(graph, F.scaled_dot_product_attention) == 0
+    assert graph.fp8_attention_calls == 4
+    graph = traced_after_passes(model, inputs)
+    assert count(graph, attention.fp8_attention) == 0 and count(graph, F.scaled_dot_product_attention) == 4
+
+
+def test_masked_attention_stays_and_the_log_says_why(caplog):
+    """Qwen-Image masks its text padding; cuDNN's FP8 attention takes no mask, so those calls
+    are left as they are, and the log names the reason."""
+    model, inputs = build("qwen_image")
+    fp8_compile.quantize_(model)
+    with caplog.at_level(logging.INFO, logger="fp8_compile"):
+        graph = traced_after_passes(model, inputs, config=FP8_ATTENTION)
+    assert count(graph, attention.fp8_attention) == 0 and count(graph, F.scaled_dot_product_attention) == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert "omni_fp8: 0 of 2 attention calls in FP8" in messages
+    assert sum("stays in its dtype: an attention mask" in m for m in messages) == 2
+
+
+def test_compiled_flux_with_fp8_attention_stays_close(tiny_flux_fp32):
+    """Compiled through Inductor (CPU) with FP8 attention: the output moves (attention really
+    is quantized), and its error against the float32 model stays at that of the FP8 linears
+    alone (0.049 and 0.050 measured; FLUX.1-dev on an H100: 0.0550 and 0.0551)."""
+    model, inputs, original = tiny_flux_fp32
+    with torch.no_grad():
+        expected = first_output(original(**inputs))
+        linears_only = first_output(torch.compile(model, backend="omni_fp8")(**inputs))
+        torch._dynamo.reset()
+        with_attention = first_output(
+            torch.compile(model, backend="omni_fp8", options={"fp8_attention": True})(**inputs)
+        )
+    assert rel_error(with_attention, linears_only) > 1e-3
+    assert rel_error(with_attention, expected) < 1.3 * rel_error(linears_only, expected)
+
+
+def test_fp8_attention_is_refused_with_the_weight_only_lowering():
+    with pytest.raises(ValueError, match="'fp8_attention'.*'lowering'='weight_only'"):
+        Fp8Config(fp8_attention=True, lowering="weight_only")
+    with pytest.raises(ValueError, match="'fp8_attention' must be True or False"):
+        Fp8Config(fp8_attention="yes")
+
+
+def test_gpus_without_fp8_attention_are_refused_naming_the_option(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L40S")
+    with pytest.raises(RuntimeError, match="'fp8_attention' needs compute capability 9.0.*L40S is 8.9"):
+        attention.prepare_device(torch.device("cuda", 0))
+
+
+def test_a_missing_cudnn_frontend_is_named_with_the_install_command(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setitem(sys.modules, "cudnn", None)  # makes `import cudnn` fail
+    attention._cudnn.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"'fp8_attention' needs cuDNN's Python frontend: pip install"):
+            attention.prepare_device(torch.device("cuda", 0))
+    finally:
+        attention._cudnn.cache_clear()
+
