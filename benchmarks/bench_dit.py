@@ -126,6 +126,7 @@ def prepare(row: str, model: nn.Module) -> tuple[nn.Module, str]:
             "fast_accum": "exact" not in parts,
             "cudagraphs": cudagraphs,
             "lowering": "weight_only" if "weightonly" in parts else "auto",
+            "fp8_attention": "fa8" in parts,  # "fa8": attention in FP8 too (needs nvidia-cudnn-frontend)
         }
         fp8_compile.quantize_(model, options)
         backend = "omni_fp8"
@@ -179,7 +180,7 @@ def run_row(row: str, spec, res: Resolution, reference: torch.Tensor | None, arg
         if reference is not None:
             result.rel_err = ((out - reference).norm() / reference.norm()).item()
         if args.profile and row in args.profile:
-            result.extra["breakdown_ms"] = profile_breakdown(lambda: runner(**inputs))
+            result.extra["breakdown_ms"] = profile_breakdown(lambda: runner(**inputs), args.host_calls)
     del model, runner, inputs
     return result, out
 
@@ -345,6 +346,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--floor", action="store_true")
     parser.add_argument("--profile", default="", help="comma-separated rows to profile")
+    parser.add_argument("--host-calls", action="store_true", help="the profiled rows also list their costliest host calls")
     parser.add_argument("--warm-compile", default="", help="comma-separated rows to compile again in a second process")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
