@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--components", type=_patterns,
                         help="comma-separated components to convert (default: the denoisers), "
                              "e.g. 'transformer,text_encoder_2'")
+    parser.add_argument("--fp8-attention", action="store_true",
+                        help="attention in FP8 too (cuDNN, Hopper+; pays off at long sequences, e.g. video)")
     parser.add_argument("--steps", type=int, default=28, help="denoising steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int)
@@ -64,10 +66,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def quantization(args: argparse.Namespace) -> tuple[str | None, dict[str, Any] | None]:
     """Omni's ``quantization`` and ``quantization_config`` as the flags describe them."""
     if args.quantization == "none":
-        if args.ignored_layers or args.components:
-            raise ValueError("--ignored-layers and --components need a quantization method (--quantization fp8)")
+        if args.ignored_layers or args.components or args.fp8_attention:
+            raise ValueError(
+                "--ignored-layers, --components and --fp8-attention need a quantization method (--quantization fp8)"
+            )
         return None, None
     options: dict[str, Any] = {"ignored_layers": args.ignored_layers} if args.ignored_layers else {}
+    if args.fp8_attention:
+        options["fp8_attention"] = True
     if args.components is None:
         return args.quantization, options  # omni_fp8 options: applied to the denoisers
     return args.quantization, {name: options for name in args.components}

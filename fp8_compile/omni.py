@@ -341,6 +341,11 @@ class Omni:
         # Everything a user can get wrong is checked before any weight is loaded.
         index = read_model_index(model)
         self.configs = component_configs(index, quantization, quantization_config)
+        if enforce_eager and any(config.fp8_attention for config in self.configs.values()):
+            raise ValueError(
+                "omni_fp8 option 'fp8_attention' takes effect in compiled graphs, and enforce_eager compiles none; "
+                "drop one of them"
+            )
         _check_cache_backend(cache_backend, cache_config)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.enforce_eager = enforce_eager

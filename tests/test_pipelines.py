@@ -207,11 +207,21 @@ def test_omni_converts_text_encoder_and_keeps_vae(pipeline_dir):
         (["--components", "vae"], "'vae' stays BF16"),
         (["--components", "tokenizer"], "'tokenizer' is a CLIPTokenizer, not a model"),
         (["--quantization", "none", "--ignored-layers", "ff"], "need a quantization method"),
+        (["--quantization", "none", "--fp8-attention"], "need a quantization method"),
+        (["--enforce-eager", "--fp8-attention"], "'fp8_attention' takes effect in compiled graphs, and enforce_eager"),
     ],
 )
 def test_command_rejects_bad_input(flags, message, pipeline_dir, capsys):
     assert text_to_image.main(["--model", str(pipeline_dir("flux")), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_fp8_attention_flag_becomes_the_option():
+    args = text_to_image.parse_args(["--fp8-attention", "--ignored-layers", "img_mlp"])
+    assert text_to_image.quantization(args) == ("fp8", {"ignored_layers": ["img_mlp"], "fp8_attention": True})
+    args = text_to_image.parse_args(["--fp8-attention", "--components", "transformer"])
+    assert text_to_image.quantization(args) == ("fp8", {"transformer": {"fp8_attention": True}})
+    assert text_to_image.quantization(text_to_image.parse_args([])) == ("fp8", {})
 
 
 @pytest.mark.parametrize(
