@@ -55,15 +55,23 @@ def fp8_sdpa(
     scale: float,
 ) -> torch.Tensor:
     """Attention of FP8 [batch, heads, tokens, head_dim] operands with float32 per-tensor scales;
-    the output is FP8 in V's scale (``out_inverse_scale`` = 1 / ``v_scale``), laid out like ``q``."""
+    the output is FP8, multiplied by ``out_inverse_scale`` (1 / V's scale)."""
     if q.is_cuda:
         return _cudnn_sdpa(q, k, v, q_scale, k_scale, v_scale, out_inverse_scale, scale)
-    return _reference_sdpa(q, k, v, q_scale, k_scale, v_scale, scale)
+    return _reference_sdpa(q, k, v, q_scale, k_scale, v_scale, out_inverse_scale, scale)
 
 
 @fp8_sdpa.register_fake
 def _(q, k, v, q_scale, k_scale, v_scale, out_inverse_scale, scale):
-    return torch.empty_like(q)
+    return _output_for(q, v)
+
+
+def _output_for(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The op's FP8 output, [batch, heads, tokens, head_dim] stored token-major (as the output
+    projection reads it), whatever the operands' layout: the real implementations must return
+    exactly the strides the fake one promises Inductor."""
+    batch, heads, tokens, head_dim = q.shape[0], q.shape[1], q.shape[2], v.shape[-1]
+    return q.new_empty((batch, tokens, heads, head_dim), dtype=ops.FP8_DTYPE).transpose(1, 2)
 
 
 def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
@@ -71,7 +79,10 @@ def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         return f"operands of {query.dim()} dimensions (4 needed: batch, heads, tokens, head_dim)"
     if key.shape != value.shape or query.shape[:2] != key.shape[:2] or query.shape[-1] != key.shape[-1]:
-        return f"shapes q {list(query.shape)}, k {list(key.shape)}, v {list(value.shape)} (grouped or mixed heads)"
+        return (
+            f"shapes q {list(query.shape)}, k {list(key.shape)}, v {list(value.shape)} (the FP8 kernel needs "
+            "one batch, one head count and one head dim for all three)"
+        )
     head_dim = query.shape[-1]
     if head_dim > MAX_HEAD_DIM or head_dim % HEAD_DIM_MULTIPLE:
         return f"head dim {head_dim} (cuDNN's FP8 attention takes multiples of {HEAD_DIM_MULTIPLE} to {MAX_HEAD_DIM})"
@@ -111,13 +122,14 @@ def _cudnn():
     return cudnn
 
 
-def _reference_sdpa(q, k, v, q_scale, k_scale, v_scale, scale):
-    """What the cuDNN kernel computes, in float32 torch: FP8 probabilities, FP8 output."""
+def _reference_sdpa(q, k, v, q_scale, k_scale, v_scale, out_inverse_scale, scale):
+    """What the cuDNN kernel computes, in float32 torch: FP8 probabilities, FP8 output. It holds
+    every [query, key] logit at once, so on the CPU it is for small shapes (tests, development)."""
     logits = (q.float() * q_scale) @ (k.float() * k_scale).transpose(-2, -1) * scale
     probabilities = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
     quantized = (probabilities * PROBABILITY_SCALE).to(ops.FP8_DTYPE).float() / PROBABILITY_SCALE
     out = quantized @ (v.float() * v_scale) / probabilities.sum(dim=-1, keepdim=True)
-    return torch.empty_like(q).copy_((out / v_scale).clamp(-ops.FP8_MAX, ops.FP8_MAX))
+    return _output_for(q, v).copy_((out * out_inverse_scale).clamp(-ops.FP8_MAX, ops.FP8_MAX))
 
 
 class _Plan(NamedTuple):
@@ -182,7 +194,8 @@ def _plan(
     except Exception as error:
         raise RuntimeError(
             f"omni_fp8 option 'fp8_attention': cuDNN {cudnn.backend_version()} has no FP8 attention kernel for "
-            f"q {list(q_layout[0])}, k {list(k_layout[0])} (strides {list(q_layout[1])}): {error}. "
+            f"q {list(q_layout[0])}, k {list(k_layout[0])} (strides: q {list(q_layout[1])}, out "
+            f"{list(out_layout[1])}): {error}. "
             "Leave 'fp8_attention' off for this model"
         ) from error
     return _Plan(graph, tensors, graph.get_workspace_size())
@@ -191,7 +204,7 @@ def _plan(
 def _cudnn_sdpa(q, k, v, q_scale, k_scale, v_scale, out_inverse_scale, scale):
     cudnn = _cudnn()
     device_index = q.device.index
-    out = torch.empty_like(q)  # the layout the fake implementation promised
+    out = _output_for(q, v)
     # cuDNN takes any strides but a unit stride along the head dim
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     layouts = [(tuple(t.shape), tuple(t.stride())) for t in (q, k, v, out)]

@@ -14,6 +14,7 @@ from fp8_compile.passes.graph import (
     LayerKind,
     LinearLayer,
     Lowering,
+    example_value,
     linear_args,
     source_module_path,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "RealRotaryEmbedding",
     "ShareActivationQuantization",
     "UseWeightOnlyWithoutFp8Gemm",
+    "example_value",
     "linear_args",
     "source_module_path",
 ]

@@ -54,12 +54,16 @@ class Fp8Graph:
     device: torch.device
     lowering: Lowering
     layers: list[LinearLayer] = field(default_factory=list)
-    fp8_attention_calls: int = 0  # attention calls QuantizeAttention moved to FP8
 
     def placeholder_values(self) -> dict[fx.Node, object]:
         """The example input bound to each placeholder node."""
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         return dict(zip(placeholders, self.example_inputs))
+
+
+def example_value(value: object) -> object:
+    """The value Dynamo recorded for a node (a fake tensor, usually); None for a non-node."""
+    return value.meta.get("example_value") if isinstance(value, fx.Node) else None
 
 
 def linear_args(args: tuple, kwargs: dict) -> tuple:

@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fp8_compile import attention
-from fp8_compile.passes.graph import Fp8Graph
+from fp8_compile.passes.graph import Fp8Graph, example_value
 from fp8_compile.passes.pass_manager import GraphPass
 
 logger = logging.getLogger("fp8_compile")
@@ -30,17 +30,16 @@ def sdpa_arguments(node: fx.Node) -> dict:
     return {**SDPA_DEFAULTS, **dict(zip(SDPA_ARGUMENTS, node.args)), **node.kwargs}
 
 
-def _example(value):
-    return value.meta.get("example_value") if isinstance(value, fx.Node) else None
-
-
 def _unsupported_reason(arguments: dict) -> str | None:
-    for name in ("attn_mask", "dropout_p", "is_causal", "enable_gqa"):
+    # enable_gqa is no reason: operands with grouped heads are refused by their shapes below
+    if arguments["attn_mask"] is not None:
+        return "an attention mask"
+    for name in ("dropout_p", "is_causal"):
         if arguments[name] != SDPA_DEFAULTS[name]:
-            return f"{name}={arguments[name]}" if name != "attn_mask" else "an attention mask"
+            return f"{name}={arguments[name]}"
     if not isinstance(arguments["scale"], (float, int, type(None))):
         return "a softmax scale computed in the graph"
-    operands = [_example(arguments[name]) for name in ("query", "key", "value")]
+    operands = [example_value(arguments[name]) for name in ("query", "key", "value")]
     if not all(isinstance(t, torch.Tensor) for t in operands):
         return "operands of unknown shape"
     return attention.unsupported_reason(*operands)
@@ -54,18 +53,20 @@ class QuantizeAttention(GraphPass):
         calls = [n for n in fx_graph.nodes if n.op == "call_function" and n.target is F.scaled_dot_product_attention]
         if not calls:
             return
-        attention.prepare_device(graph.device)
-        kept = {}
+        converted, kept = [], {}
         for node in calls:
             arguments = sdpa_arguments(node)
             reason = _unsupported_reason(arguments)
-            if reason is not None:
+            if reason is None:
+                converted.append((node, arguments))
+            else:
                 kept[node.name] = reason
-                continue
-            query = arguments["query"]
-            scale = arguments["scale"]
+        if converted:
+            attention.prepare_device(graph.device)
+        for node, arguments in converted:
+            query, scale = arguments["query"], arguments["scale"]
             if scale is None:
-                scale = attention.default_scale(_example(query).shape[-1])
+                scale = attention.default_scale(example_value(query).shape[-1])
             with fx_graph.inserting_before(node):
                 fp8 = fx_graph.call_function(
                     attention.fp8_attention, (query, arguments["key"], arguments["value"], float(scale))
@@ -73,7 +74,6 @@ class QuantizeAttention(GraphPass):
             fp8.meta.update(node.meta)
             node.replace_all_uses_with(fp8)
             fx_graph.erase_node(node)
-        graph.fp8_attention_calls += len(calls) - len(kept)
-        logger.info("omni_fp8: %d of %d attention calls in FP8", len(calls) - len(kept), len(calls))
+        logger.info("omni_fp8: %d of %d attention calls in FP8", len(converted), len(calls))
         for name, reason in kept.items():
             logger.info("omni_fp8: attention call %s stays in its dtype: %s", name, reason)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from fp8_compile.passes.graph import MUL_TARGETS, Fp8Graph
+from fp8_compile.passes.graph import MUL_TARGETS, Fp8Graph, example_value
 from fp8_compile.passes.pass_manager import GraphPass
 
 
@@ -32,7 +32,7 @@ def rotate_pairs(pairs: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 def _is_complex(node) -> bool:
-    value = node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+    value = example_value(node)
     return isinstance(value, torch.Tensor) and value.is_complex()
 
 

@@ -1,6 +1,7 @@
 """FP8 attention (option ``fp8_attention``): the op's CPU reference, the pass, the errors."""
 
 import logging
+import math
 import sys
 
 import pytest
@@ -25,12 +26,12 @@ def operands(heads=2, tokens=256, head_dim=64, seed=0):
     return q * 1.5, k * 1.5, v
 
 
-def test_fp8_attention_rounds_like_fp8_and_no_more():
+def test_fp8_attention_error_is_fp8_sized():
     """Against exact attention the error is FP8's (3 mantissa bits: ~3.6% rms per rounding, of
-    Q, K, V, the probabilities and the output: 6-12% in all, 8.3% measured for cuDNN on an H100).
-    Against exact attention of the already quantized Q, K, V only the probabilities and the
-    output are rounded, so the error must be clearly smaller: a kernel that skipped the scales or
-    rounded twice would not be."""
+    Q, K, V, the probabilities and the output: 6-12% in all, 8.3% measured for cuDNN on an H100);
+    against exact attention of the already quantized Q, K, V it must be clearly smaller (only the
+    probabilities and the output are rounded): a kernel that skipped the operands' scales would
+    not be."""
     q, k, v = operands()
     out = attention.fp8_attention(q, k, v, 64**-0.5)
     assert out.dtype == q.dtype and out.shape == q.shape and out.stride() == q.stride()
@@ -38,6 +39,28 @@ def test_fp8_attention_rounds_like_fp8_and_no_more():
     assert 0.03 < error < 0.12
     dequantized = [q8.double() * s for q8, s in (ops.quantize_activation(t, "per_tensor") for t in (q, k, v))]
     assert rel_error(out, F.scaled_dot_product_attention(*dequantized)) < 0.6 * error
+
+
+def test_fp8_attention_rounds_where_the_kernel_rounds():
+    """One query, two keys, values worked out by hand. Q, K, V are exact in FP8 (each amax maps
+    to 448). With scale = -ln(0.3) the logits are [0, -1.204], so the unnormalised probabilities
+    are [1, 0.3]; times 448 that is [448, 134.4], and e4m3 (steps of 16 from 128 to 256) rounds
+    134.4 to 128: P = [1, 2/7]. Divided by the unrounded row sum 1.3, the output is [0.769,
+    0.220]; in V's scale (1/448) that is [344.6, 98.5], rounded to e4m3 [352, 96]. Without the
+    probability rounding the second value would be 104/448; with scale 1/sqrt(16) another
+    softmax altogether."""
+    d = 16
+    q = torch.zeros(1, 1, 1, d)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, 2, d)
+    k[0, 0, 1, 0] = -1.0
+    v = torch.zeros(1, 1, 2, d)
+    v[0, 0, 0, 0] = v[0, 0, 1, 1] = 1.0
+    out = attention.fp8_attention(q, k, v, -math.log(0.3))
+    expected = torch.zeros(1, 1, 1, d)
+    expected[..., 0], expected[..., 1] = 352 / 448, 96 / 448
+    # float32 rounding of the scales only: one e4m3 step here is 32/448 or 8/448
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_fp8_attention_output_scale_is_v_scale():
@@ -56,7 +79,7 @@ def test_fp8_attention_output_scale_is_v_scale():
     [
         (([1, 2, 16, 256], [1, 2, 16, 256], [1, 2, 16, 256]), "head dim 256"),
         (([1, 2, 16, 40], [1, 2, 16, 40], [1, 2, 16, 40]), "head dim 40"),
-        (([1, 4, 16, 64], [1, 2, 16, 64], [1, 2, 16, 64]), "grouped or mixed heads"),
+        (([1, 4, 16, 64], [1, 2, 16, 64], [1, 2, 16, 64]), "one head count"),
         (([2, 16, 64], [2, 16, 64], [2, 16, 64]), "3 dimensions"),
     ],
 )
@@ -71,9 +94,48 @@ def test_flux_attention_runs_in_fp8_when_asked():
     fp8_compile.quantize_(model)
     graph = traced_after_passes(model, inputs, config=FP8_ATTENTION)
     assert count(graph, attention.fp8_attention) == 4 and count(graph, F.scaled_dot_product_attention) == 0
-    assert graph.fp8_attention_calls == 4
     graph = traced_after_passes(model, inputs)
     assert count(graph, attention.fp8_attention) == 0 and count(graph, F.scaled_dot_product_attention) == 4
+
+
+class SelfAttention(torch.nn.Module):
+    """One SDPA call spelled as ``call`` says, on [batch, heads, tokens, head_dim] operands."""
+
+    def __init__(self, call):
+        super().__init__()
+        self.call = call
+
+    def forward(self, q, k, v):
+        return self.call(q, k, v)
+
+
+@pytest.mark.parametrize(
+    "call, reason",
+    [
+        (lambda q, k, v: F.scaled_dot_product_attention(q, k, v), None),
+        (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, None, 0.0, False, scale=0.3), None),
+        (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), None),  # heads equal
+        (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, None, 0.0, True), "is_causal=True"),
+        (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.1), "dropout_p=0.1"),
+        (lambda q, k, v: F.scaled_dot_product_attention(q, k[:, :1], v[:, :1], enable_gqa=True), "one head count"),
+    ],
+)
+def test_sdpa_spellings_and_what_stays(call, reason, caplog):
+    """Positional and keyword arguments are read alike; a softmax scale given is kept (0.3, not
+    1/sqrt(64): the result must match SDPA with that scale); what the kernel cannot take stays,
+    with its reason logged. Cross-attention (8 queries, 24 keys), batch 2."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, 8, 64), torch.randn(2, 2, 24, 64), torch.randn(2, 2, 24, 64)
+    with caplog.at_level(logging.INFO, logger="fp8_compile"):
+        graph = traced_after_passes(SelfAttention(call), {"q": q, "k": k, "v": v}, config=FP8_ATTENTION)
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    if reason is not None:
+        assert count(graph, attention.fp8_attention) == 0 and reason in messages
+        return
+    assert count(graph, attention.fp8_attention) == 1 and count(graph, F.scaled_dot_product_attention) == 0
+    with torch.no_grad():
+        error = rel_error(graph.gm(q, k, v)[0], call(q, k, v))
+    assert error < 0.12, error
 
 
 def test_masked_attention_stays_and_the_log_says_why(caplog):
@@ -96,11 +158,11 @@ def test_compiled_flux_with_fp8_attention_stays_close(tiny_flux_fp32):
     model, inputs, original = tiny_flux_fp32
     with torch.no_grad():
         expected = first_output(original(**inputs))
-        linears_only = first_output(torch.compile(model, backend="omni_fp8")(**inputs))
+        # strict: an Inductor failure would run the same numerics uncompiled, unnoticed
+        linears_only = first_output(torch.compile(model, backend="omni_fp8", options={"strict": True})(**inputs))
         torch._dynamo.reset()
-        with_attention = first_output(
-            torch.compile(model, backend="omni_fp8", options={"fp8_attention": True})(**inputs)
-        )
+        options = {"fp8_attention": True, "strict": True}
+        with_attention = first_output(torch.compile(model, backend="omni_fp8", options=options)(**inputs))
     assert rel_error(with_attention, linears_only) > 1e-3
     assert rel_error(with_attention, expected) < 1.3 * rel_error(linears_only, expected)
 

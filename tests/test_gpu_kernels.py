@@ -114,7 +114,7 @@ def test_fp8_attention_matches_its_reference():
     out = attention.fp8_attention(q, k, v, 128**-0.5)
     assert out.dtype == torch.bfloat16 and out.shape == q.shape and out.stride() == q.stride()
     (q8, sq), (k8, sk), (v8, sv) = (ops.quantize_activation(t, "per_tensor") for t in (q, k, v))
-    reference = attention._reference_sdpa(q8, k8, v8, sq, sk, sv, 128**-0.5).double() * sv
+    reference = attention._reference_sdpa(q8, k8, v8, sq, sk, sv, sv.reciprocal(), 128**-0.5).double() * sv
     error, reference_error = rel_error(out.double(), exact), rel_error(reference, exact)
     print(f"fp8 attention error {error:.4f}, reference {reference_error:.4f}, apart {rel_error(out.double(), reference):.4f}")
     # FP8's 3 mantissa bits give each rounding ~3.6% rms; both land at ~9% of exact attention
@@ -140,7 +140,8 @@ def test_compiled_flux_with_fp8_attention_replays_as_cuda_graphs():
         expected = first_output(model(**inputs))
         for fp8_attention in (False, True):
             torch._dynamo.reset()
-            options = {"fp8_attention": fp8_attention, "cudagraphs": True}
+            # strict: an Inductor failure would run the op uncompiled, without CUDA graphs
+            options = {"fp8_attention": fp8_attention, "cudagraphs": True, "strict": True}
             compiled = torch.compile(copy.deepcopy(model), backend="omni_fp8", options=options)
             for _ in range(3):  # warm-up, record, replay
                 outputs[fp8_attention] = first_output(compiled(**inputs)).clone()
