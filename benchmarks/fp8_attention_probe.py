@@ -13,7 +13,6 @@ time of one call; whether a CUDA-graph capture replays it. Each stage is tried s
 import argparse
 import json
 import math
-import statistics
 import time
 import traceback
 
@@ -22,20 +21,7 @@ import torch.nn.functional as F
 
 from fp8_compile import ops
 
-
-def time_ms(fn, iters=50, warmup=10):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from bench_dit import cuda_time_ms
 
 
 def rel_err(out, ref):
@@ -78,11 +64,11 @@ def probe(cudnn, handle, h, s, iters):
     q, k = q * 1.5, k * 1.5  # logits of a realistic spread after q/k RMSNorm
     result = {"shape": [b, h, s, d]}
     reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-    result["bf16_sdpa_ms"] = time_ms(lambda: F.scaled_dot_product_attention(q, k, v), iters=iters)
+    result["bf16_sdpa_ms"] = cuda_time_ms(lambda: F.scaled_dot_product_attention(q, k, v), 10, iters)
     result["bf16_sdpa_err"] = rel_err(F.scaled_dot_product_attention(q, k, v), reference)
     flops = 4 * b * h * s * s * d
     result["bf16_sdpa_tflops"] = flops / result["bf16_sdpa_ms"] / 1e9
-    result["quantize_qkv_eager_ms"] = time_ms(lambda: [quantize_per_tensor(t) for t in (q, k, v)], iters=iters)
+    result["quantize_qkv_eager_ms"] = cuda_time_ms(lambda: [quantize_per_tensor(t) for t in (q, k, v)], 10, iters)
     (q8, sq), (k8, sk), (v8, sv) = (quantize_per_tensor(t) for t in (q, k, v))
     shape, strides = list(q8.shape), list(q8.stride())
     for name, out_type, out_dtype in [("fp8_out", cudnn.data_type.FP8_E4M3, torch.float8_e4m3fn),
@@ -102,7 +88,7 @@ def probe(cudnn, handle, h, s, iters):
             torch.cuda.synchronize()
             out = o.float() * o_scale
             result[f"{name}_err"] = rel_err(out, reference)
-            result[f"{name}_ms"] = time_ms(run, iters=iters)
+            result[f"{name}_ms"] = cuda_time_ms(run, 10, iters)
             result[f"{name}_tflops"] = flops / result[f"{name}_ms"] / 1e9
             result[f"{name}_amax_s"] = amax_s.item()
             result[f"{name}_amax_o"] = amax_o.item()
