@@ -52,6 +52,10 @@ class QuantizeAttention(GraphPass):
         fx_graph = graph.gm.graph
         calls = [n for n in fx_graph.nodes if n.op == "call_function" and n.target is F.scaled_dot_product_attention]
         if not calls:
+            logger.info(
+                "omni_fp8: option 'fp8_attention' is on, but this graph calls no scaled_dot_product_attention "
+                "(attention through another backend, e.g. flash-attn, is left as it is)"
+            )
             return
         converted, kept = [], {}
         for node in calls:

@@ -138,6 +138,18 @@ def test_sdpa_spellings_and_what_stays(call, reason, caplog):
     assert error < 0.12, error
 
 
+def test_a_graph_without_sdpa_says_so(caplog):
+    """Attention through another backend (here: a matmul softmax) is not SDPA: nothing is
+    converted, and the log says the option found nothing, rather than nothing at all."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 8, 64), torch.randn(1, 2, 8, 64), torch.randn(1, 2, 8, 64)
+    call = lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) / 8, dim=-1) @ v  # noqa: E731
+    with caplog.at_level(logging.INFO, logger="fp8_compile"):
+        graph = traced_after_passes(SelfAttention(call), {"q": q, "k": k, "v": v}, config=FP8_ATTENTION)
+    assert count(graph, attention.fp8_attention) == 0
+    assert any("calls no scaled_dot_product_attention" in r.getMessage() for r in caplog.records)
+
+
 def test_masked_attention_stays_and_the_log_says_why(caplog):
     """Qwen-Image masks its text padding; cuDNN's FP8 attention takes no mask, so those calls
     are left as they are, and the log names the reason."""
