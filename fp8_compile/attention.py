@@ -33,8 +33,12 @@ MIN_CAPABILITY = (9, 0)  # cuDNN runs FP8 attention on Hopper and newer
 INSTALL_HINT = "pip install 'fp8-compile[fp8-attention]' (NVIDIA's nvidia-cudnn-frontend)"
 
 
-def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+def fp8_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
     """``scaled_dot_product_attention(query, key, value, scale=scale)`` with FP8 operands."""
+    if scale is None:  # SDPA's default
+        scale = 1.0 / math.sqrt(query.shape[-1])
     q8, q_scale = ops.quantize_activation(query, "per_tensor")
     k8, k_scale = ops.quantize_activation(key, "per_tensor")
     v8, v_scale = ops.quantize_activation(value, "per_tensor")
@@ -226,8 +230,3 @@ def _cudnn_sdpa(q, k, v, q_scale, k_scale, v_scale, out_inverse_scale, scale):
     workspace = torch.empty(plan.workspace_bytes, dtype=torch.uint8, device=q.device)
     plan.graph.execute(pack, workspace, handle=handle)
     return out
-
-
-def default_scale(head_dim: int) -> float:
-    """SDPA's softmax scale when none is given."""
-    return 1.0 / math.sqrt(head_dim)

@@ -68,12 +68,10 @@ class QuantizeAttention(GraphPass):
         if converted:
             attention.prepare_device(graph.device)
         for node, arguments in converted:
-            query, scale = arguments["query"], arguments["scale"]
-            if scale is None:
-                scale = attention.default_scale(example_value(query).shape[-1])
+            scale = None if arguments["scale"] is None else float(arguments["scale"])
             with fx_graph.inserting_before(node):
                 fp8 = fx_graph.call_function(
-                    attention.fp8_attention, (query, arguments["key"], arguments["value"], float(scale))
+                    attention.fp8_attention, (arguments["query"], arguments["key"], arguments["value"], scale)
                 )
             fp8.meta.update(node.meta)
             node.replace_all_uses_with(fp8)

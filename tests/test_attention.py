@@ -193,6 +193,13 @@ def test_gpus_without_fp8_attention_are_refused_naming_the_option(monkeypatch):
         attention.prepare_device(torch.device("cuda", 0))
 
 
+@pytest.mark.parametrize("device, hip", [(torch.device("mps"), None), (torch.device("cuda", 0), "6.2")])
+def test_devices_other_than_nvidia_and_the_cpu_are_refused_naming_the_option(device, hip, monkeypatch):
+    monkeypatch.setattr(torch.version, "hip", hip)
+    with pytest.raises(RuntimeError, match="'fp8_attention' runs on NVIDIA GPUs .* and the CPU, not on"):
+        attention.prepare_device(device)
+
+
 def test_a_missing_cudnn_frontend_is_named_with_the_install_command(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setitem(sys.modules, "cudnn", None)  # makes `import cudnn` fail

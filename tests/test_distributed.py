@@ -58,7 +58,7 @@ def _steps(inputs: dict) -> list[dict]:
 
 def _fp8_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """What QuantizeAttention puts in place of SDPA, callable eagerly (FLUX's calls are unmasked)."""
-    return attention.fp8_attention(query, key, value, scale or attention.default_scale(query.shape[-1]))
+    return attention.fp8_attention(query, key, value, scale)
 
 
 def _one_process_run(model: nn.Module, inputs: dict) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
