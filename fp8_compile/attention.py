@@ -34,17 +34,35 @@ INSTALL_HINT = "pip install 'fp8-compile[fp8-attention]' (NVIDIA's nvidia-cudnn-
 
 
 def fp8_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float | None = None,
+    query_bound: torch.Tensor | float | None = None,
+    key_bound: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """``scaled_dot_product_attention(query, key, value, scale=scale)`` with FP8 operands."""
+    """``scaled_dot_product_attention(query, key, value, scale=scale)`` with FP8 operands.
+
+    ``query_bound`` / ``key_bound``: a number no element's magnitude exceeds (from the graph, see
+    ``passes/magnitude_bound.py``), which scales the operand without measuring its amax."""
     if scale is None:  # SDPA's default
         scale = 1.0 / math.sqrt(query.shape[-1])
-    q8, q_scale = ops.quantize_activation(query, "per_tensor")
-    k8, k_scale = ops.quantize_activation(key, "per_tensor")
-    v8, v_scale = ops.quantize_activation(value, "per_tensor")
+    q8, q_scale = _quantize(query, query_bound)
+    k8, k_scale = _quantize(key, key_bound)
+    v8, v_scale = _quantize(value, None)
     # the output's scale is V's (see above); its reciprocal fuses into V's quantization kernel
     out8 = fp8_sdpa(q8, k8, v8, q_scale, k_scale, v_scale, v_scale.reciprocal(), scale)
     return (out8.float() * v_scale).to(query.dtype)
+
+
+def _quantize(t: torch.Tensor, bound: torch.Tensor | float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor FP8 and its scale: from ``bound`` when given (a pointwise cast that fuses into
+    the kernel making ``t``), else from the measured amax (a reduction over ``t`` first)."""
+    if bound is None:
+        return ops.quantize_activation(t, "per_tensor")
+    bound = torch.as_tensor(bound, dtype=torch.float32, device=t.device)
+    scale = bound.clamp_min(ops.AMAX_FLOOR) / ops.FP8_MAX
+    return ops.quantize_activation_static(t, scale), scale
 
 
 @torch.library.custom_op("fp8_compile::fp8_sdpa", mutates_args=())

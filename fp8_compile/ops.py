@@ -33,6 +33,11 @@ def _amax(t: torch.Tensor, granularity: str, dim: int) -> torch.Tensor:
     return t.amax(dim=dim, keepdim=True) if granularity == "per_row" else t.amax()
 
 
+def abs_max(t: torch.Tensor) -> torch.Tensor:
+    """The largest |element| of ``t`` (a complex element's modulus) as a float32 scalar."""
+    return t.abs().amax().float()
+
+
 def weight_row_chunks(rows: int, columns: int, multiple: int = 1) -> list[slice]:
     """Row ranges of a [rows, columns] weight of about WEIGHT_CHUNK_ELEMENTS each, every range
     but the last a multiple of ``multiple`` rows (a weight block's height)."""

@@ -98,6 +98,115 @@ def test_flux_attention_runs_in_fp8_when_asked():
     assert count(graph, attention.fp8_attention) == 0 and count(graph, F.scaled_dot_product_attention) == 4
 
 
+@pytest.mark.parametrize("heads, norm_size, weight_spread", [(24, 128, 0.0), (40, 5120, 2.0)])
+def test_a_bound_instead_of_the_amax_costs_no_accuracy(heads, norm_size, weight_spread):
+    """Q and K scaled from their RMSNorm bound, sqrt(d) max|w| (times 2 for a rotary embedding),
+    instead of their amax: 5x above the amax for FLUX's per-head norm with unit weights, 56x for
+    a Wan-like norm over all 5120 channels with log-normal weights (e^(2 z)). e4m3 keeps 3 mantissa
+    bits down to 2^-6 of the scale, so the error against exact attention stays that of the amax
+    scale (within 5%). A scale that forgot to divide the bound by 448 would lose everything."""
+    torch.manual_seed(0)
+    weight = torch.exp(weight_spread * torch.randn(norm_size))
+    head_dim, tokens = 128, 256
+
+    def normalized():
+        x = torch.randn(1, tokens, heads * head_dim).unflatten(-1, (-1, norm_size))
+        x = F.rms_norm(x, (norm_size,), weight, 1e-6)
+        return x.reshape(1, tokens, heads, head_dim).transpose(1, 2).bfloat16()
+
+    q, k = normalized(), normalized()
+    v = torch.randn(1, tokens, heads, head_dim).transpose(1, 2).bfloat16()
+    bound = 2 * math.sqrt(norm_size) * weight.max().item()
+    assert bound > 4 * q.abs().max().item()
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    amax_error = rel_error(attention.fp8_attention(q, k, v), exact)
+    bound_error = rel_error(attention.fp8_attention(q, k, v, None, bound, torch.tensor(bound)), exact)
+    assert bound_error < 1.05 * amax_error
+
+
+def test_a_bound_below_the_data_saturates_instead_of_overflowing():
+    """Should a bound ever be wrong, the values above it saturate at 448 (a finite, clipped
+    output), rather than becoming NaN or Inf."""
+    q, k, v = operands()
+    out = attention.fp8_attention(q, k, v, None, 0.5 * q.abs().max(), 0.5 * k.abs().max())
+    assert out.isfinite().all()
+
+
+def bounds_seen(graph):
+    """Run the traced graph, recording each FP8 attention call's (amax, bound) for Q and for K."""
+    seen = []
+
+    def recording(q, k, v, scale=None, query_bound=None, key_bound=None):
+        for t, bound in ((q, query_bound), (k, key_bound)):
+            seen.append((t.abs().max().item(), None if bound is None else float(bound)))
+        return attention.fp8_attention(q, k, v, scale, query_bound, key_bound)
+
+    for node in graph.gm.graph.nodes:
+        if node.target is attention.fp8_attention:
+            node.target = recording
+    graph.gm.recompile()
+    with torch.no_grad():
+        graph.gm(*graph.example_inputs)
+    return seen
+
+
+@pytest.mark.parametrize("name, calls", [("flux", 4), ("flux2_klein", 3), ("wan", 4), ("glm_image", 2)])
+def test_q_and_k_of_the_models_are_scaled_from_a_bound_that_holds(name, calls, caplog):
+    """Every converted call of these models gets its Q and K bound from the graph (their RMSNorm
+    or LayerNorm, FLUX's and Wan's rotary embeddings, Wan's cross-attention to the text), the
+    bound holds for the values, and it is no looser than the norm's worst case predicts: tiny
+    models normalize 32 or 64 channels, sqrt(64) x 2 (rotary) = 16 against amaxes of ~3.5."""
+    model, inputs = build(name)
+    fp8_compile.quantize_(model)
+    with caplog.at_level(logging.INFO, logger="fp8_compile"):
+        graph = traced_after_passes(model, inputs, config=FP8_ATTENTION)
+    message = f"{calls} of {calls} FP8 attention calls scale Q and K from their normalization's bound"
+    assert any(message in r.getMessage() for r in caplog.records)
+    seen = bounds_seen(graph)
+    assert len(seen) == 2 * calls
+    for amax, bound in seen:
+        assert amax <= bound * (1 + 2**-7) and bound < 8 * amax, (amax, bound)
+
+
+class NormRotaryAttention(torch.nn.Module):
+    """Qwen-Image's and Z-Image's way: RMSNorm spelled out (x * rsqrt(mean(x^2) + eps), then the
+    weight) and a complex rotary embedding, on Q and K; V unnormalized."""
+
+    def __init__(self, head_dim=64):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + torch.rand(head_dim))
+
+    def norm(self, x):
+        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+        return x.to(self.weight.dtype) * self.weight
+
+    def rotate(self, x, freqs):
+        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(pairs * freqs).flatten(3).type_as(x)
+
+    def forward(self, q, k, v, freqs):
+        q, k = (self.rotate(self.norm(t), freqs) for t in (q, k))
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_a_norm_spelled_out_and_a_complex_rotation_are_bounded_and_v_is_not(caplog):
+    torch.manual_seed(0)
+    # 8 heads: the rotary table (256 x 32) is small enough next to Q and K to be reduced
+    q, k, v = (torch.randn(1, 8, 256, 64) for _ in range(3))
+    freqs = torch.polar(torch.ones(256, 32), torch.rand(256, 32) * 6)
+    with caplog.at_level(logging.INFO, logger="fp8_compile"):
+        graph = traced_after_passes(NormRotaryAttention(), {"q": q, "k": k, "v": v, "freqs": freqs}, FP8_ATTENTION)
+    assert any("1 of 1 FP8 attention calls scale Q and K" in r.getMessage() for r in caplog.records)
+    for amax, bound in bounds_seen(graph):
+        assert amax <= bound * (1 + 2**-7) and bound < 8 * amax, (amax, bound)
+    # V (and here Q and K without the norm) have no bound: they measure their amax
+    unnormalized = SelfAttention(lambda q, k, v: F.scaled_dot_product_attention(q, k, v))
+    assert bounds_seen(traced_after_passes(unnormalized, {"q": q, "k": k, "v": v}, FP8_ATTENTION)) == [
+        (q.abs().max().item(), None),
+        (k.abs().max().item(), None),
+    ]
+
+
 class SelfAttention(torch.nn.Module):
     """One SDPA call spelled as ``call`` says, on [batch, heads, tokens, head_dim] operands."""
 
