@@ -93,7 +93,8 @@ def _output_for(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     projection reads it), whatever the operands' layout: the real implementations must return
     exactly the strides the fake one promises Inductor."""
     batch, heads, tokens, head_dim = q.shape[0], q.shape[1], q.shape[2], v.shape[-1]
-    return q.new_empty((batch, tokens, heads, head_dim), dtype=ops.FP8_DTYPE).transpose(1, 2)
+    size, stride = (batch, heads, tokens, head_dim), (tokens * heads * head_dim, head_dim, heads * head_dim, 1)
+    return torch.empty_strided(size, stride, dtype=ops.FP8_DTYPE, device=q.device)
 
 
 def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
@@ -156,7 +157,7 @@ def _reference_sdpa(q, k, v, q_scale, k_scale, v_scale, out_inverse_scale, scale
 
 class _Plan(NamedTuple):
     graph: Any
-    tensors: dict[str, Any]  # the graph's tensor handles by name
+    uids: dict[str, int]  # the graph's tensors by name: the keys of the pointers ``execute`` takes
     workspace_bytes: int
 
 
@@ -220,7 +221,7 @@ def _plan(
             f"{list(out_layout[1])}): {error}. "
             "Leave 'fp8_attention' off for this model"
         ) from error
-    return _Plan(graph, tensors, graph.get_workspace_size())
+    return _Plan(graph, {name: t.get_uid() for name, t in tensors.items()}, graph.get_workspace_size())
 
 
 def _cudnn_sdpa(q, k, v, q_scale, k_scale, v_scale, out_inverse_scale, scale):
@@ -231,20 +232,15 @@ def _cudnn_sdpa(q, k, v, q_scale, k_scale, v_scale, out_inverse_scale, scale):
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     layouts = [(tuple(t.shape), tuple(t.stride())) for t in (q, k, v, out)]
     plan = _plan(device_index, *layouts, float(scale))
-    constants = _constants(device_index)
-    scalars = {
-        "descale_q": q_scale,
-        "descale_k": k_scale,
-        "descale_v": v_scale,
-        "scale_o": out_inverse_scale,
-        "descale_s": constants["descale_s"],
-        "scale_s": constants["scale_s"],
-    }
-    pack = {plan.tensors[name]: value.reshape(1, 1, 1, 1) for name, value in scalars.items()}
-    pack.update({plan.tensors["q"]: q, plan.tensors["k"]: k, plan.tensors["v"]: v, plan.tensors["out"]: out})
-    pack.update({plan.tensors[name]: constants[name] for name in ("amax_s", "amax_o")})
+    # raw device pointers, the cheapest thing execute() takes (this op runs once per attention
+    # layer per step, and its host time adds up); a scale is read as one float at its pointer
+    operands = {
+        "q": q, "k": k, "v": v, "out": out, "descale_q": q_scale, "descale_k": k_scale, "descale_v": v_scale,
+        "scale_o": out_inverse_scale, **_constants(device_index),
+    }  # fmt: skip
+    pointers = {plan.uids[name]: t.data_ptr() for name, t in operands.items()}
+    workspace = torch.empty(plan.workspace_bytes, dtype=torch.uint8, device=q.device) if plan.workspace_bytes else None
     handle = _handle(device_index)
     cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
-    workspace = torch.empty(plan.workspace_bytes, dtype=torch.uint8, device=q.device)
-    plan.graph.execute(pack, workspace, handle=handle)
+    plan.graph.execute(pointers, 0 if workspace is None else workspace.data_ptr(), handle=handle)
     return out
