@@ -227,21 +227,37 @@ def profile_breakdown(fn, host_calls: bool = False) -> dict[str, float]:
         torch.cuda.synchronize()
     totals: dict[str, float] = defaultdict(float)
     counts: Counter = Counter()
-    top: dict[str, float] = defaultdict(float)
-    for event in prof.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
+    kernels: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    # idle GPU time before each kernel, charged to the category of the kernel that ran before it:
+    # where the wall time beyond the kernel sum goes
+    idle_after: dict[str, float] = defaultdict(float)
+    device_events = sorted(
+        (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda e: e.time_range.start
+    )
+    previous = None
+    for event in device_events:
         category = classify(event.name)
         totals[category] += event.device_time_total / 1e3
         counts[category] += 1
-        top[event.name] += event.device_time_total / 1e3
+        kernels[event.name][0] += 1
+        kernels[event.name][1] += event.device_time_total / 1e3
+        if previous is not None:
+            idle_after[classify(previous.name)] += max(0.0, event.time_range.start - previous.time_range.end) / 1e3
+        previous = event
     result = {k: round(v, 3) for k, v in sorted(totals.items())}
     result["host_ms"] = round(host_ms, 3)
+    if device_events:
+        result["gpu_span_ms"] = round((device_events[-1].time_range.end - device_events[0].time_range.start) / 1e3, 3)
+    result["idle_after_ms"] = {k: round(v, 3) for k, v in sorted(idle_after.items())}
     result["kernel_counts"] = dict(counts)
-    result["top_kernels"] = {k[:120]: round(v, 3) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:25]}
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+    result["kernels"] = {name[:160]: [calls, round(ms, 3)] for name, (calls, ms) in ranked}
     if host_calls:
         host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:25]
         result["top_host_calls"] = {e.key[:120]: [round(e.self_cpu_time_total / 1e3, 3), e.count] for e in host}
+        # which host calls issue the "Memset (Device)" work (each one a GPU node of its own)
+        memsets = Counter(getattr(e.cpu_parent, "name", "?") for e in prof.events() if e.name == "cudaMemsetAsync")
+        result["memset_callers"] = dict(memsets.most_common(10))
     return result
 
 
