@@ -162,7 +162,8 @@ def run_row(row: str, spec, res: Resolution, reference: torch.Tensor | None, arg
     # "cdt": Inductor's coordinate-descent tuning of element-wise kernel configs; "pdl": its
     # Triton kernels launched with programmatic dependent launch (Hopper), each starting while
     # the kernel before it drains
-    patches = {"coordinate_descent_tuning": "cdt" in row.split("_")}
+    # "combo": Inductor's combo kernels, independent small kernels launched as one
+    patches = {"coordinate_descent_tuning": "cdt" in row.split("_"), "combo_kernels": "combo" in row.split("_")}
     if "pdl" in row.split("_"):
         if not hasattr(torch._inductor.config.triton, "enable_pdl"):
             raise SystemExit(f"row {row!r}: this torch's Inductor has no triton.enable_pdl")
