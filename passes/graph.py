@@ -66,6 +66,16 @@ def example_value(value: object) -> object:
     return value.meta.get("example_value") if isinstance(value, fx.Node) else None
 
 
+def written_by(node: fx.Node) -> fx.Node | None:
+    """The tensor ``node`` writes into: the first argument of an in-place method or function
+    (``x.mul_(2)``, ``x[i] = y``) or its ``out=`` argument; None when it writes into nothing."""
+    if isinstance(node.kwargs.get("out"), fx.Node):
+        return node.kwargs["out"]
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    in_place = node.target is operator.setitem or (isinstance(name, str) and name.endswith("_") and not name.startswith("__"))
+    return node.args[0] if in_place and node.args and isinstance(node.args[0], fx.Node) else None
+
+
 def linear_args(args: tuple, kwargs: dict) -> tuple:
     """(input, weight, bias) of a ``linear`` call however its arguments were spelled."""
     names = ("input", "weight", "bias")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from fp8_compile.passes.graph import Fp8Graph
+from fp8_compile.passes.graph import Fp8Graph, written_by
 
 logger = logging.getLogger("fp8_compile")
 
@@ -30,5 +30,7 @@ class PassManager:
             graph_pass(graph)
             graph.gm.graph.lint()
             logger.debug("omni_fp8 pass %s done", graph_pass.name)
-        graph.gm.graph.eliminate_dead_code()
+        # FX counts no method call as a side effect, but Dynamo's graphs keep in-place ones
+        # (q.mul_(2)) whose results nobody reads: removing them would change the numbers
+        graph.gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or written_by(n) is not None)
         graph.gm.recompile()

@@ -139,3 +139,28 @@ def test_swiglu_is_quantized_in_one_pass(name):
     with torch.no_grad():
         torch.compile(model, backend=passes_only)(**inputs)
     assert activations == ["silu_mul"] * 4
+
+
+class InPlaceScale(torch.nn.Module):
+    """A linear layer whose output is then scaled in place, the result of ``mul_`` unused."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        y = self.proj(x)
+        y.mul_(2)
+        return y
+
+
+def test_in_place_operations_survive_the_passes():
+    """FX's dead-code elimination counts no method call as a side effect, so it would drop
+    ``y.mul_(2)`` (nobody reads its result) and the output would be half what it should be."""
+    torch.manual_seed(0)
+    model, x = InPlaceScale(), torch.randn(8, 64)
+    expected = model(x)
+    fp8_compile.quantize_(model)
+    graph = traced_after_passes(model, {"x": x})
+    with torch.no_grad():
+        assert rel_error(graph.gm(*graph.example_inputs)[0], expected) < 0.1
