@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fp8_compile import ops
-from fp8_compile.passes.graph import MUL_TARGETS, example_value
+from fp8_compile.passes.graph import MUL_TARGETS, example_value, written_by
 from fp8_compile.passes.real_rotary import rotate_pairs
 
 # A bound: a Python number, or a node computing a float32 scalar tensor.
@@ -54,6 +54,30 @@ _LAYER_NORMS = (F.layer_norm, torch.layer_norm)
 def _numel(node: fx.Node) -> int | None:
     value = example_value(node)
     return value.numel() if isinstance(value, torch.Tensor) else None
+
+
+def _is_complex(node: fx.Node) -> bool:
+    value = example_value(node)
+    return not isinstance(value, torch.Tensor) or value.is_complex()
+
+
+def _nonzero_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value != 0
+
+
+def _written_in_place(node: fx.Node) -> list[fx.Node]:
+    """The nodes that write into ``node``, directly or through a view of it (``setitem``, an
+    in-place method such as ``mul_``, an ``out=`` argument)."""
+    writes, views, seen = [], [node], {node}
+    while views:
+        tensor = views.pop()
+        for user in tensor.users:
+            if written_by(user) is tensor:
+                writes.append(user)
+            elif user not in seen and (user.target in _SAME_MAGNITUDE_METHODS or user.target in _SAME_MAGNITUDE_FUNCTIONS):
+                seen.add(user)
+                views.append(user)
+    return writes
 
 
 def _strip_casts(node):
@@ -110,7 +134,15 @@ class MagnitudeBound:
 
     def __call__(self, node: fx.Node) -> Bound | None:
         if node not in self._bounds:
-            self._bounds[node] = self._bound(node)
+            # a tensor written in place after it was made may hold anything (GLM-Image writes its
+            # rotary embedding into Q and K so); the one pattern of writes read is a buffer filled
+            # by indexed assignments (Wan's rotary embedding)
+            if node.target is torch.empty_like:
+                self._bounds[node] = self._filled_buffer(node)
+            elif _written_in_place(node):
+                self._bounds[node] = None
+            else:
+                self._bounds[node] = self._bound(node)
         return self._bounds[node]
 
     def _operand(self, value) -> Bound | None:
@@ -121,7 +153,7 @@ class MagnitudeBound:
     def _bound(self, node: fx.Node) -> Bound | None:
         target, args = node.target, node.args
         if node.op in ("call_method", "call_function"):
-            if target in _BOUNDED_BY_ONE:
+            if target in _BOUNDED_BY_ONE and not _is_complex(node):
                 return 1.0
             if target in _SAME_MAGNITUDE_METHODS or target in _SAME_MAGNITUDE_FUNCTIONS:
                 return self._operand(args[0])
@@ -140,10 +172,8 @@ class MagnitudeBound:
                 return self._product([self._operand(a) for a in args])
             if target in _ADD_TARGETS and len(args) == 2 and "alpha" not in node.kwargs:
                 return self._sum([self._operand(a) for a in args])
-            if target in (operator.truediv, torch.div) and isinstance(args[1], (int, float)) and args[1] != 0:
+            if target in (operator.truediv, torch.div) and not node.kwargs and _nonzero_number(args[1]):
                 return self._product([self._operand(args[0]), 1.0 / abs(args[1])])
-            if target == "empty_like" or target is torch.empty_like:
-                return self._written_into(node)
         return self._measured(node)
 
     def _normalized(self, node: fx.Node, weight_index: int, bias_index: int | None) -> Bound | None:
@@ -164,11 +194,11 @@ class MagnitudeBound:
             bound = self._sum([bound, self._operand(named["bias"])])
         return bound
 
-    def _written_into(self, node: fx.Node) -> Bound | None:
-        """``out = empty_like(x); out[...] = a; out[...] = b`` (Wan's rotary embedding): the
-        largest of what is written. Trusts the model to write every element it then reads."""
-        writes = [u for u in node.users if u.target is operator.setitem and u.args[0] is node]
-        if not writes:
+    def _filled_buffer(self, node: fx.Node) -> Bound | None:
+        """``out = empty_like(x); out[...] = a; out[...] = b``: the largest of what is written.
+        Trusts the model to write every element it then reads; any other write gives no bound."""
+        writes = _written_in_place(node)
+        if not writes or any(w.target is not operator.setitem or w.args[0] is not node for w in writes):
             return None
         return self._maximum([self._operand(w.args[2]) for w in writes])
 
