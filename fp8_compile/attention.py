@@ -232,6 +232,11 @@ def _cudnn_sdpa(q, k, v, q_scale, k_scale, v_scale, out_inverse_scale, scale):
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     layouts = [(tuple(t.shape), tuple(t.stride())) for t in (q, k, v, out)]
     plan = _plan(device_index, *layouts, float(scale))
+    scales = {"q_scale": q_scale, "k_scale": k_scale, "v_scale": v_scale, "out_inverse_scale": out_inverse_scale}
+    for name, t in scales.items():  # cuDNN reads one float32 at each pointer, unchecked
+        if t.dtype != torch.float32 or t.device != q.device or t.numel() != 1:
+            got = f"{t.dtype} {list(t.shape)} on {t.device}"
+            raise ValueError(f"fp8_sdpa: {name} must be one float32 on {q.device}, got {got}")
     # raw device pointers, the cheapest thing execute() takes (this op runs once per attention
     # layer per step, and its host time adds up); a scale is read as one float at its pointer
     operands = {

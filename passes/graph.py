@@ -66,13 +66,26 @@ def example_value(value: object) -> object:
     return value.meta.get("example_value") if isinstance(value, fx.Node) else None
 
 
+# Python's augmented assignments (q *= s) on tensors write in place
+IN_PLACE_OPERATORS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+    operator.setitem,
+}  # fmt: skip
+
+
 def written_by(node: fx.Node) -> fx.Node | None:
     """The tensor ``node`` writes into: the first argument of an in-place method or function
-    (``x.mul_(2)``, ``x[i] = y``) or its ``out=`` argument; None when it writes into nothing."""
+    (``x.mul_(2)``, ``x[i] = y``, ``x *= 2``, ``F.relu(x, inplace=True)``) or its ``out=``
+    argument; None when it writes into nothing."""
     if isinstance(node.kwargs.get("out"), fx.Node):
         return node.kwargs["out"]
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    in_place = node.target is operator.setitem or (isinstance(name, str) and name.endswith("_") and not name.startswith("__"))
+    in_place = (
+        node.target in IN_PLACE_OPERATORS
+        or node.kwargs.get("inplace") is True
+        or (isinstance(name, str) and name.endswith("_") and not name.startswith("__"))
+    )
     return node.args[0] if in_place and node.args and isinstance(node.args[0], fx.Node) else None
 
 

@@ -76,15 +76,18 @@ class QuantizeAttention(GraphPass):
                 kept[node.name] = reason
         if converted:
             attention.prepare_device(graph.device)
-        bounded = 0
+        bounded = {"Q": 0, "K": 0}
         for node, arguments in converted:
             scale = None if arguments["scale"] is None else float(arguments["scale"])
             query, key = arguments["query"], arguments["key"]
-            # only tensors far smaller than Q and K (norm weights, rotary tables) are reduced
-            smallest = min(example_value(query).numel(), example_value(key).numel())
-            bound = MagnitudeBound(fx_graph, node, max_measured_numel=smallest // MEASURED_FRACTION)
-            query_bound, key_bound = (bound(query), bound(key)) if self.bound_operands else (None, None)
-            bounded += query_bound is not None and key_bound is not None
+            query_bound = key_bound = None
+            if self.bound_operands:
+                # only tensors far smaller than Q and K (norm weights, rotary tables) are reduced
+                smallest = min(example_value(query).numel(), example_value(key).numel())
+                bound = MagnitudeBound(fx_graph, node, max_measured_numel=smallest // MEASURED_FRACTION)
+                query_bound, key_bound = bound(query), bound(key)
+            bounded["Q"] += query_bound is not None
+            bounded["K"] += key_bound is not None
             with fx_graph.inserting_before(node):
                 fp8 = fx_graph.call_function(
                     attention.fp8_attention,
@@ -96,9 +99,10 @@ class QuantizeAttention(GraphPass):
         logger.info("omni_fp8: %d of %d attention calls in FP8", len(converted), len(calls))
         if converted:
             logger.info(
-                "omni_fp8: %d of %d FP8 attention calls scale Q and K from their normalization's bound "
-                "(no amax pass); the others measure an amax",
-                bounded,
+                "omni_fp8: Q scaled from its normalization's bound (no amax pass) in %d, K in %d of %d FP8 "
+                "attention calls; the others measure an amax",
+                bounded["Q"],
+                bounded["K"],
                 len(converted),
             )
         for name, reason in kept.items():

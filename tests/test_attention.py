@@ -132,6 +132,21 @@ def test_a_bound_below_the_data_saturates_instead_of_overflowing():
     assert out.isfinite().all()
 
 
+def test_a_bound_sets_the_scale(monkeypatch):
+    """Q and K given bounds are scaled by bound / 448; V, given none, by its amax / 448."""
+    q, k, v = operands()
+    scales = {}
+
+    def recording(q8, k8, v8, q_scale, k_scale, v_scale, *rest):
+        scales.update(q=q_scale.item(), k=k_scale.item(), v=v_scale.item())
+        return attention._reference_sdpa(q8, k8, v8, q_scale, k_scale, v_scale, *rest)
+
+    monkeypatch.setattr(attention, "fp8_sdpa", recording)
+    attention.fp8_attention(q, k, v, None, 30.0, torch.tensor(50.0))
+    assert scales["q"] == pytest.approx(30 / 448) and scales["k"] == pytest.approx(50 / 448)
+    assert scales["v"] == pytest.approx(v.abs().max().item() / 448)
+
+
 def bounds_seen(graph):
     """Run the traced graph, recording each FP8 attention call's (amax, bound) for Q and for K."""
     seen = []
@@ -164,7 +179,7 @@ def test_q_and_k_of_the_models_are_scaled_from_a_bound_that_holds(name, calls, b
     fp8_compile.quantize_(model)
     with caplog.at_level(logging.INFO, logger="fp8_compile"):
         graph = traced_after_passes(model, inputs, config=FP8_ATTENTION)
-    message = f"{bounded} of {calls} FP8 attention calls scale Q and K from their normalization's bound"
+    message = f"Q scaled from its normalization's bound (no amax pass) in {bounded}, K in {bounded} of {calls}"
     assert any(message in r.getMessage() for r in caplog.records)
     seen = bounds_seen(graph)
     assert len(seen) == 2 * calls and sum(bound is not None for _, bound in seen) == 2 * bounded
@@ -173,11 +188,11 @@ def test_q_and_k_of_the_models_are_scaled_from_a_bound_that_holds(name, calls, b
 
 
 def test_a_normalized_query_written_in_place_gets_no_bound():
-    """``q = rms_norm(q); q.mul_(100)``: the norm's bound no longer holds, so Q measures its amax
-    (a bound kept would saturate nearly every value at 448), and the in-place multiply stays in
-    the graph (FX's dead-code elimination counts no method call as a side effect): the output
-    is that of FP8 attention on the multiplied Q (K still scaled from its bound, sqrt(64)), to
-    float32 rounding."""
+    """``q = rms_norm(q); q.mul_(100)``: the norm's bound no longer holds, and a graph that
+    writes in place gets no bounds at all (K neither), so both measure their amax (a bound kept
+    would saturate nearly every value of Q at 448). The in-place multiply stays in the graph
+    (FX's dead-code elimination counts no method call as a side effect): the output is that of
+    FP8 attention on the multiplied Q, to float32 rounding."""
 
     def call(q, k, v):
         q = F.rms_norm(q, (64,))
@@ -187,12 +202,50 @@ def test_a_normalized_query_written_in_place_gets_no_bound():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 8, 256, 64) for _ in range(3))
     graph = traced_after_passes(SelfAttention(call), {"q": q, "k": k, "v": v}, FP8_ATTENTION)
-    (query, _), (key, key_bound) = bounds_seen(graph)
+    (query, query_bound), (_, key_bound) = bounds_seen(graph)
     assert query == pytest.approx(100 * F.rms_norm(q, (64,)).abs().max().item())
-    assert _ is None and key_bound == pytest.approx(8.0)
+    assert query_bound is None and key_bound is None
     with torch.no_grad():
-        expected = attention.fp8_attention(F.rms_norm(q, (64,)) * 100, F.rms_norm(k, (64,)), v, None, None, 8.0)
+        expected = attention.fp8_attention(F.rms_norm(q, (64,)) * 100, F.rms_norm(k, (64,)), v)
         torch.testing.assert_close(graph.gm(q, k, v)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def _scaled_in_place(q, k):
+    q = F.rms_norm(q, (64,))
+    alias = q.transpose(1, 2).transpose(1, 2)
+    q *= 100
+    return alias
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        pytest.param(lambda q, k: q * torch.rsqrt(q.pow(2).mean(-2, keepdim=True) + 1e-6), id="mean-over-tokens"),
+        pytest.param(lambda q, k: q * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + 1e-6), id="rms-of-another-tensor"),
+        pytest.param(
+            lambda q, k: q * torch.rsqrt(torch.add(q.pow(2).mean(-1, keepdim=True), 0.99, alpha=-1)), id="alpha"
+        ),
+        pytest.param(
+            lambda q, k: q * torch.rsqrt(q.to(torch.int32).float().pow(2).mean(-1, keepdim=True) + 1e-6),
+            id="rms-of-an-integer-cast",
+        ),
+        pytest.param(lambda q, k: F.layer_norm(q, (64,), eps=-0.5), id="negative-eps"),
+        pytest.param(lambda q, k: F.rms_norm(q, (64,)).view(torch.int32).float(), id="view-as-another-dtype"),
+        pytest.param(_scaled_in_place, id="scaled-in-place-through-an-alias"),
+        pytest.param(lambda q, k: F.rms_norm(q, (64,)).narrow(-1, 0, 64).mul_(100), id="in-place-on-a-narrowed-view"),
+    ],
+)
+def test_what_does_not_bound_q_gives_no_bound(query):
+    """Look-alikes of a normalization, reinterpreted bits and writes through aliases: Q measures
+    its amax. (Any of these bounded by sqrt(64) = 8 would clip Q, whose amax here is 8.7-435.)"""
+
+    def call(q, k, v):
+        return F.scaled_dot_product_attention(query(q, k), F.rms_norm(k, (64,)), v)
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 256, 64) for _ in range(3))
+    graph = traced_after_passes(SelfAttention(call), {"q": q, "k": k, "v": v}, FP8_ATTENTION)
+    assert bounds_seen(graph)[0][1] is None
 
 
 class NormRotaryAttention(torch.nn.Module):
@@ -223,7 +276,7 @@ def test_a_norm_spelled_out_and_a_complex_rotation_are_bounded_and_v_is_not(capl
     freqs = torch.polar(torch.ones(256, 32), torch.rand(256, 32) * 6)
     with caplog.at_level(logging.INFO, logger="fp8_compile"):
         graph = traced_after_passes(NormRotaryAttention(), {"q": q, "k": k, "v": v, "freqs": freqs}, FP8_ATTENTION)
-    assert any("1 of 1 FP8 attention calls scale Q and K" in r.getMessage() for r in caplog.records)
+    assert any("bound (no amax pass) in 1, K in 1 of 1" in r.getMessage() for r in caplog.records)
     for amax, bound in bounds_seen(graph):
         assert amax <= bound * (1 + 2**-7) and bound < 8 * amax, (amax, bound)
     # V (and here Q and K without the norm) have no bound: they measure their amax

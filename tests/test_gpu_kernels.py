@@ -123,6 +123,18 @@ def test_fp8_attention_matches_its_reference():
     assert rel_error(out.double(), reference) < 0.05
 
 
+def test_fp8_attention_refuses_a_scale_cudnn_would_misread():
+    """cuDNN is handed raw pointers and reads one float32 at each: a bfloat16 scale is refused,
+    naming the argument, instead of being read as garbage."""
+    pytest.importorskip("cudnn")
+    if torch.cuda.get_device_capability() < attention.MIN_CAPABILITY:
+        pytest.skip("cuDNN's FP8 attention needs Hopper or newer")
+    q8 = torch.randn(1, 2, 128, 64, device="cuda").to(ops.FP8_DTYPE)
+    one = torch.ones((), device="cuda")
+    with pytest.raises(ValueError, match="k_scale must be one float32"):
+        attention.fp8_sdpa(q8, q8, q8, one, one.bfloat16(), one, one, 0.125)
+
+
 def test_compiled_flux_with_fp8_attention_replays_as_cuda_graphs():
     """Tiny FLUX (head dim 64) through Inductor with FP8 attention and CUDA graphs: cuDNN's op
     is captured and replayed, the output moves (attention really is quantized), and its error
