@@ -149,14 +149,11 @@ class MagnitudeBound:
         self._bounds: dict[fx.Node, Bound | None] = {}
         # the writes the anchor sees: those before it; only indexed assignments into buffers
         # made by empty_like are understood, any other write turns the bounds off
-        before_anchor = []
+        self._fills: dict[fx.Node, list[fx.Node]] = {}
+        self._enabled = True
         for node in graph.nodes:
             if node is anchor:
                 break
-            before_anchor.append(node)
-        self._fills: dict[fx.Node, list[fx.Node]] = {}
-        self._enabled = True
-        for node in before_anchor:
             target = written_by(node)
             if target is None:
                 continue
