@@ -119,12 +119,12 @@ def prepare(row: str, model: nn.Module) -> tuple[nn.Module, str]:
     elif row.startswith("omni_fp8"):
         # "defaultred": Inductor's own persistent-reduction limit, to measure what ours buys
         fp8_compile.inductor.PERSISTENT_REDUCTION_LIMIT = 0 if "defaultred" in parts else 4096 if "p4k" in parts else 16384
-        # "complexrope": without the pass that writes complex rotary embeddings in real arithmetic
-        FP8_PASSES.passes = [p for p in ALL_PASSES if "complexrope" not in parts or not isinstance(p, RealRotaryEmbedding)]
+        # "complexrope": without the pass that writes complex rotary embeddings in real arithmetic;
         # "amax": FP8 attention's Q and K scaled by their measured amax, not their norm's bound
         FP8_PASSES.passes = [
             QuantizeAttention(bound_operands="amax" not in parts) if isinstance(p, QuantizeAttention) else p
-            for p in FP8_PASSES.passes
+            for p in ALL_PASSES
+            if "complexrope" not in parts or not isinstance(p, RealRotaryEmbedding)
         ]
         options = {
             "granularity": "per_tensor" if "tensor" in parts else "per_row",

@@ -238,7 +238,7 @@ def _cudnn_sdpa(q, k, v, q_scale, k_scale, v_scale, out_inverse_scale, scale):
             got = f"{t.dtype} {list(t.shape)} on {t.device}"
             raise ValueError(f"fp8_sdpa: {name} must be one float32 on {q.device}, got {got}")
     # raw device pointers, the cheapest thing execute() takes (this op runs once per attention
-    # layer per step, and its host time adds up); a scale is read as one float at its pointer
+    # layer per step, and its host time adds up)
     operands = {
         "q": q, "k": k, "v": v, "out": out, "descale_q": q_scale, "descale_k": k_scale, "descale_v": v_scale,
         "scale_o": out_inverse_scale, **_constants(device_index),
