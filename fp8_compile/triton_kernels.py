@@ -10,9 +10,11 @@ which run as a tiled ``tl.dot`` GEMM.
 **Weight dequantization** into a BF16 buffer, one pass: the slices that cuBLAS multiplies.
 
 **Row-wise quantization with its producer's activation.** One program per row: a first pass
-applies the activation (GELU, SiLU-gating) and takes the row's amax, a second pass re-reads
-the row from L2, applies the activation again and writes it scaled to FP8. The activation's
-BF16 output is never written, and the row leaves HBM once.
+takes the amax of the activation's output (GELU, SiLU-gating), a second pass re-reads the row
+from L2, applies the activation and writes it scaled to FP8. The activation's BF16 output is
+never written, and the row leaves HBM once. The kernel is bound by its arithmetic, not by
+memory, so the first pass of a GELU row takes only the row's largest input (GELU increases
+past its small negative minimum) and the second multiplies by the scale's reciprocal.
 """
 
 from __future__ import annotations
@@ -153,19 +155,61 @@ def dequantize_rows_into(weight: torch.Tensor, weight_scale: torch.Tensor, out: 
 
 # activation applied to a row before it is quantized; "silu_mul" is SwiGLU's silu(x) * gate
 ROW_ACTIVATIONS = {"none": 0, "gelu_tanh": 1, "gelu": 2, "silu_mul": 3}
+# above every |GELU(x)| for x < 0 (both forms reach their minimum, -0.1700, near x = -0.752)
+GELU_NEGATIVE_BOUND = tl.constexpr(0.171)
 
 
 @triton.jit
-def _row_chunk(x_ptr, gate_ptr, row, stride_x, stride_gate, cols, K, ACTIVATION: tl.constexpr):
-    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
+def _activate(x, gate, ACTIVATION: tl.constexpr):
     if ACTIVATION == 1:  # tanh-approximated GELU: 0.5 x (1 + tanh(z)) = x * sigmoid(2z)
         x = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
     elif ACTIVATION == 2:
         x = 0.5 * x * (1.0 + libdevice.erf(x * 0.7071067811865476))
     elif ACTIVATION == 3:
-        gate = tl.load(gate_ptr + row * stride_gate + cols, mask=cols < K, other=0.0).to(tl.float32)
         x = x * tl.sigmoid(x) * gate
     return x
+
+
+@triton.jit
+def _row_chunk(x_ptr, gate_ptr, row, stride_x, stride_gate, cols, K, ACTIVATION: tl.constexpr):
+    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
+    gate = x
+    if ACTIVATION == 3:
+        gate = tl.load(gate_ptr + row * stride_gate + cols, mask=cols < K, other=0.0).to(tl.float32)
+    return _activate(x, gate, ACTIVATION)
+
+
+@triton.jit
+def _nan_aware_max(v):
+    # tl.max may skip NaNs, so they are counted apart
+    return tl.where(tl.sum((v != v).to(tl.int32), 0) > 0, float("nan"), tl.max(v, 0))
+
+
+@triton.jit
+def _activation_amax(x_ptr, gate_ptr, row, stride_x, stride_gate, K, cols, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+    """max |activation(x)| over one row, NaN if any element is NaN."""
+    top = 0.0
+    shortcut = False
+    if ACTIVATION == 1 or ACTIVATION == 2:
+        # GELU increases above its minimum (-0.17 near x = -0.75), so where GELU(max x) is at
+        # least GELU_NEGATIVE_BOUND it is the row's amax: one max per element instead of a GELU.
+        # Rows of small values, NaN or -inf take the full pass below.
+        high = tl.full((BLOCK,), float("-inf"), tl.float32)
+        low = tl.full((BLOCK,), float("inf"), tl.float32)
+        for k in range(0, K, BLOCK):
+            c = k + cols
+            x = tl.load(x_ptr + row * stride_x + c, mask=c < K, other=float("-inf")).to(tl.float32)
+            high = tl.maximum(high, x, propagate_nan=tl.PropagateNan.ALL)
+            low = tl.minimum(low, tl.where(c < K, x, float("inf")))
+        top = _activate(_nan_aware_max(high), 0.0, ACTIVATION)
+        shortcut = (top >= GELU_NEGATIVE_BOUND) & (tl.min(low, 0) > float("-inf"))
+    if not shortcut:
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k in range(0, K, BLOCK):
+            v = _row_chunk(x_ptr, gate_ptr, row, stride_x, stride_gate, k + cols, K, ACTIVATION)
+            amax = tl.maximum(amax, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
+        top = _nan_aware_max(amax)
+    return top
 
 
 @triton.autotune(
@@ -180,28 +224,27 @@ def _quantize_rows_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k in range(0, K_PREFIX, BLOCK):
-        v = _row_chunk(prefix_ptr, prefix_ptr, row, stride_prefix, 0, k + cols, K_PREFIX, 0)
-        amax = tl.maximum(amax, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
-    for k in range(0, K, BLOCK):
-        v = _row_chunk(x_ptr, gate_ptr, row, stride_x, stride_gate, k + cols, K, ACTIVATION)
-        amax = tl.maximum(amax, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
+    row_amax = _activation_amax(x_ptr, gate_ptr, row, stride_x, stride_gate, K, cols, ACTIVATION, BLOCK)
+    if K_PREFIX > 0:
+        prefix_amax = _activation_amax(prefix_ptr, prefix_ptr, row, stride_prefix, 0, K_PREFIX, cols, 0, BLOCK)
+        row_amax = tl.maximum(row_amax, prefix_amax, propagate_nan=tl.PropagateNan.ALL)
     # NaN propagates into the scale, and from it into the whole row of the GEMM output
-    # (tl.max may skip NaNs, so they are counted apart)
-    row_amax = tl.where(tl.sum((amax != amax).to(tl.int32), 0) > 0, float("nan"), tl.max(amax, 0))
     scale = tl.maximum(row_amax, 1e-12, propagate_nan=tl.PropagateNan.ALL) / 448.0
     tl.store(scale_ptr + row, scale)
+    # a multiply by the reciprocal, not a division per element: this kernel is bound by its
+    # arithmetic (the activation, twice), and the two differ by an ulp of float32, far below
+    # e4m3's step
+    inverse = 1.0 / scale
     out_row = out_ptr + row * stride_out
     for k in range(0, K_PREFIX, BLOCK):
         c = k + cols
         v = _row_chunk(prefix_ptr, prefix_ptr, row, stride_prefix, 0, c, K_PREFIX, 0)
-        q = tl.clamp(libdevice.div_rn(v, scale), -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+        q = tl.clamp(v * inverse, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(out_row + c, q.to(tl.float8e4nv), mask=c < K_PREFIX)
     for k in range(0, K, BLOCK):
         c = k + cols
         v = _row_chunk(x_ptr, gate_ptr, row, stride_x, stride_gate, c, K, ACTIVATION)
-        q = tl.clamp(libdevice.div_rn(v, scale), -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+        q = tl.clamp(v * inverse, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(out_row + K_PREFIX + c, q.to(tl.float8e4nv), mask=c < K)
 
 
@@ -222,3 +265,4 @@ def quantize_rows(
         ACTIVATION=ROW_ACTIVATIONS[activation],
     )
     return out, scale
+

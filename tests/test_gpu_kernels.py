@@ -43,6 +43,9 @@ def test_weight_only_matches_float64(m, n, k, granularity, monkeypatch):
 def test_quantize_rows_kernel_matches_the_reference(activation, k, k_prefix):
     torch.manual_seed(k)
     x = torch.randn(37, k, device="cuda", dtype=torch.bfloat16) * 3
+    # rows whose GELU amax is not GELU(largest value): all negative, and all small
+    x[3] = -x[3].abs()
+    x[4] *= 0.01
     gate = torch.randn(37, k, device="cuda", dtype=torch.bfloat16) if activation == "silu_mul" else None
     prefix = torch.randn(37, k_prefix, device="cuda", dtype=torch.bfloat16) if k_prefix else None
     q, scale = ops.quantize_rows(x, gate, prefix, activation)
@@ -53,8 +56,11 @@ def test_quantize_rows_kernel_matches_the_reference(activation, k, k_prefix):
     ratio = (q.cpu().float() - ref_q.float()).abs() / ref_q.float().abs().clamp_min(2.0**-6)
     assert (ratio <= 2.0**-3 + 1e-6).all() and (ratio > 0).float().mean() < 1e-3
     x[5, 7] = float("nan")
+    x[6, 9] = float("-inf")
     q, scale = ops.quantize_rows(x, gate, prefix, activation)
-    assert torch.isnan(scale[5]).all() and torch.isfinite(scale[[4, 6]]).all()
+    assert torch.isnan(scale[5]).all() and torch.isfinite(scale[[4, 7]]).all()
+    ref_scale = ops.quantize_rows(*(t.cpu() if t is not None else None for t in (x, gate, prefix)), activation)[1]
+    torch.testing.assert_close(scale.cpu(), ref_scale, rtol=1e-5, atol=0, equal_nan=True)
 
 
 def test_only_reductions_that_write_fp8_are_forced_persistent():
