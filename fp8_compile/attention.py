@@ -21,6 +21,7 @@ import math
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from fp8_compile import ops
 
@@ -40,29 +41,84 @@ def fp8_attention(
     scale: float | None = None,
     query_bound: torch.Tensor | float | None = None,
     key_bound: torch.Tensor | float | None = None,
+    query_scale: torch.Tensor | None = None,
+    key_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(query, key, value, scale=scale)`` with FP8 operands.
 
     ``query_bound`` / ``key_bound``: a number no element's magnitude exceeds (from the graph, see
-    ``passes/magnitude_bound.py``), which scales the operand without measuring its amax."""
+    ``passes/magnitude_bound.py``), which scales the operand without measuring its amax.
+    ``query_scale`` / ``key_scale``: the per-tensor scale of a query / key given already in FP8
+    (by :func:`rms_norm_rotary_fp8`)."""
     if scale is None:  # SDPA's default
         scale = 1.0 / math.sqrt(query.shape[-1])
-    q8, q_scale = _quantize(query, query_bound)
-    k8, k_scale = _quantize(key, key_bound)
-    v8, v_scale = _quantize(value, None)
+    q8, q_scale = _quantize(query, query_bound, query_scale)
+    k8, k_scale = _quantize(key, key_bound, key_scale)
+    v8, v_scale = _quantize(value, None, None)
     # the output's scale is V's (see above); its reciprocal fuses into V's quantization kernel
     out8 = fp8_sdpa(q8, k8, v8, q_scale, k_scale, v_scale, v_scale.reciprocal(), scale)
-    return (out8.float() * v_scale).to(query.dtype)
+    return (out8.float() * v_scale).to(value.dtype)
 
 
-def _quantize(t: torch.Tensor, bound: torch.Tensor | float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor FP8 and its scale: from ``bound`` when given (a pointwise cast that fuses into
-    the kernel making ``t``), else from the measured amax (a reduction over ``t`` first)."""
+def _quantize(
+    t: torch.Tensor, bound: torch.Tensor | float | None, scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor FP8 and its scale: ``t`` itself when it is FP8 already (its ``scale`` given);
+    from ``bound`` when given (a pointwise cast that fuses into the kernel making ``t``); else
+    from the measured amax (a reduction over ``t`` first)."""
+    if t.dtype == ops.FP8_DTYPE:
+        if scale is None:
+            raise ValueError("fp8_attention: an operand given in FP8 needs its scale (query_scale / key_scale)")
+        return t, scale
     if bound is None:
         return ops.quantize_activation(t, "per_tensor")
-    bound = torch.as_tensor(bound, dtype=torch.float32, device=t.device)
-    scale = bound.clamp_min(ops.AMAX_FLOOR) / ops.FP8_MAX
+    scale = bound_scale(torch.as_tensor(bound, dtype=torch.float32, device=t.device))
     return ops.quantize_activation_static(t, scale), scale
+
+
+def bound_scale(bound: torch.Tensor) -> torch.Tensor:
+    """The per-tensor scale that maps a bound on |x| to e4m3's largest value."""
+    return bound.clamp_min(ops.AMAX_FLOOR) / ops.FP8_MAX
+
+
+def rms_norm_rotary_fp8(
+    first: torch.Tensor,
+    second: torch.Tensor | None,
+    weight_first: torch.Tensor | None,
+    weight_second: torch.Tensor | None,
+    eps_first: float,
+    eps_second: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rotary_bound: torch.Tensor | float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A query or key as FP8 attention takes it, made in one pass: the RMSNorm over the head dim
+    of ``first`` [B, S1, H, D] (and of ``second`` [B, S2, H, D], the tokens after it, with their own
+    weight and eps), diffusers' rotary embedding (``apply_rotary_emb`` with real [S, D] tables,
+    channel pairs rotated), and per-tensor FP8 scaled from the bound sqrt(D) max|w| x
+    ``rotary_bound`` (a bound on |cos| + |sin|). Returns (FP8 [B, S, H, D], float32 scale).
+
+    The numbers are those of the unfused ops followed by :func:`_quantize` with that bound (one
+    Triton kernel on NVIDIA GPUs, which keeps float32 where the model rounds to its dtype between
+    steps; those ops elsewhere)."""
+    head_dim = first.shape[-1]
+    tables = [t.reshape(-1, head_dim) for t in (cos, sin)]
+    tables = [t if t.stride(-1) == 1 else t.contiguous() for t in tables]
+    if first.is_cuda:
+        from fp8_compile.triton_kernels import rms_norm_rotary_fp8 as kernel
+
+        bound_tensor, factor = (rotary_bound, 1.0) if isinstance(rotary_bound, torch.Tensor) else (None, float(rotary_bound))
+        operands = [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (first, second)]
+        return kernel(*operands, weight_first, weight_second, eps_first, eps_second, *tables, bound_tensor, factor)
+    parts = [(first, weight_first, eps_first)] + ([(second, weight_second, eps_second)] if second is not None else [])
+    x = torch.cat([F.rms_norm(part, (head_dim,), weight, eps) for part, weight, eps in parts], dim=1)
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    cos, sin = (t.reshape(1, -1, 1, head_dim) for t in tables)
+    y = (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    weight_bounds = [ops.abs_max(w) if w is not None else torch.ones((), device=x.device) for _, w, _ in parts]
+    scale = bound_scale(functools.reduce(torch.maximum, weight_bounds) * math.sqrt(head_dim) * rotary_bound)
+    return ops.quantize_activation_static(y, scale), scale
 
 
 @torch.library.custom_op("fp8_compile::fp8_sdpa", mutates_args=())

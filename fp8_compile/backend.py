@@ -31,6 +31,7 @@ from fp8_compile.inductor import compile_graph as compile_with_inductor
 from fp8_compile.modules import ScaledLinear
 from fp8_compile.passes import (
     FuseActivationQuantization,
+    FuseNormRotaryQuantization,
     LINEAR_TARGETS,
     Fp8Graph,
     LayerKind,
@@ -54,6 +55,7 @@ FP8_PASSES = PassManager(
         RealRotaryEmbedding(),  # fuse: complex rotary embeddings as real arithmetic Inductor can fuse
         QuantizeLinear(),  # quantize: activation-quantize + scaled-mm nodes
         QuantizeAttention(),  # quantize: FP8 Q/K/V + cuDNN FP8 attention (option fp8_attention)
+        FuseNormRotaryQuantization(),  # fuse: Q/K RMSNorm + rotary embedding + FP8 cast in one kernel
         LowerBlockScaledLinear(),  # quantize: block-FP8 layers -> group-quantize + block-scaled GEMM
         ShareActivationQuantization(),  # fuse: one quantization per activation read by several layers
         FuseActivationQuantization(),  # fuse: GELU / SiLU-gating (+ cat) and the quantization in one pass

@@ -19,6 +19,8 @@ past its small negative minimum) and the second multiplies by the scale's recipr
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -266,3 +268,131 @@ def quantize_rows(
     )
     return out, scale
 
+
+@triton.jit
+def _pairs(t, ROWS: tl.constexpr, D_PAD: tl.constexpr):
+    """[ROWS, D_PAD] -> its even and odd columns, each [ROWS, D_PAD // 2]."""
+    return tl.split(tl.reshape(t, (ROWS, D_PAD // 2, 2)))
+
+
+@triton.autotune(
+    configs=[triton.Config({"BLOCK_ROWS": r}, num_warps=w) for r, w in [(16, 4), (32, 4), (32, 8), (64, 8)]],
+    key=["D", "H", "SECOND"],
+)
+@triton.jit
+def _rms_norm_rotary_fp8_kernel(
+    first_ptr, second_ptr, w_first_ptr, w_second_ptr, cos_ptr, sin_ptr, bound_ptr, out_ptr, scale_ptr,
+    total_rows, S, S_FIRST, H, D,
+    stride_first_b, stride_first_s, stride_first_h, stride_second_b, stride_second_s, stride_second_h,
+    stride_cos, stride_sin, eps_first, eps_second, bound_factor,
+    SECOND: tl.constexpr, WEIGHTS: tl.constexpr, BOUND_TENSOR: tl.constexpr,
+    D_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+):
+    # float arguments may arrive as float64 (Inductor passes them so): the arithmetic is float32
+    eps_first, eps_second, bound_factor = eps_first.to(tl.float32), eps_second.to(tl.float32), bound_factor.to(tl.float32)
+    cols = tl.arange(0, D_PAD)
+    in_row = cols < D
+    # the scale, from the bound |y| <= sqrt(D) max|w| (max|cos| + max|sin|) (bound_factor: sqrt(D)
+    # times the tables' bound where it is a number): every program computes it from the norm
+    # weights (D values each), program 0 also writes it out
+    w_first = tl.full((D_PAD,), 1.0, tl.float32)
+    w_second = w_first
+    if WEIGHTS:
+        w_first = tl.load(w_first_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+        if SECOND:
+            w_second = tl.load(w_second_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+    w_max = tl.maximum(_nan_aware_max(tl.abs(w_first)), _nan_aware_max(tl.abs(w_second)), propagate_nan=tl.PropagateNan.ALL)
+    bound = w_max * bound_factor
+    if BOUND_TENSOR:
+        bound *= tl.load(bound_ptr)
+    scale = tl.maximum(bound, 1e-12, propagate_nan=tl.PropagateNan.ALL) / 448.0
+    if tl.program_id(0) == 0:
+        tl.store(scale_ptr, scale)
+    inverse = 1.0 / scale
+
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    live = rows < total_rows
+    h = rows % H
+    s = (rows // H) % S
+    b = rows // (H * S)
+    first = s < S_FIRST
+    offsets = b * stride_first_b + s * stride_first_s + h * stride_first_h
+    mask = live[:, None] & in_row[None, :]
+    if SECOND:
+        second_offsets = b * stride_second_b + (s - S_FIRST) * stride_second_s + h * stride_second_h
+        x = tl.where(
+            first[:, None],
+            tl.load(first_ptr + offsets[:, None] + cols[None, :], mask=mask & first[:, None], other=0.0),
+            tl.load(second_ptr + second_offsets[:, None] + cols[None, :], mask=mask & ~first[:, None], other=0.0),
+        ).to(tl.float32)
+        eps = tl.where(first, eps_first, eps_second)
+        w = tl.where(first[:, None], w_first[None, :], w_second[None, :])
+    else:
+        x = tl.load(first_ptr + offsets[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        eps = eps_first
+        w = tl.broadcast_to(w_first[None, :], (BLOCK_ROWS, D_PAD))
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+    y = x * rstd[:, None] * w
+    cos = tl.load(cos_ptr + s[:, None] * stride_cos + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + s[:, None] * stride_sin + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    # pairs (y0, y1) -> (y0 cos0 - y1 sin0, y1 cos1 + y0 sin1), diffusers' apply_rotary_emb
+    y_even, y_odd = _pairs(y, BLOCK_ROWS, D_PAD)
+    cos_even, cos_odd = _pairs(cos, BLOCK_ROWS, D_PAD)
+    sin_even, sin_odd = _pairs(sin, BLOCK_ROWS, D_PAD)
+    rotated = tl.reshape(
+        tl.join(y_even * cos_even - y_odd * sin_even, y_odd * cos_odd + y_even * sin_odd), (BLOCK_ROWS, D_PAD)
+    )
+    q = tl.clamp(rotated * inverse, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+    q = tl.where(tl.abs(rotated) == float("inf"), float("nan"), q)  # as quantize_activation_static
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], q.to(tl.float8e4nv), mask=mask)
+
+
+@torch.library.custom_op("fp8_compile::rms_norm_rotary_fp8", mutates_args=())
+def rms_norm_rotary_fp8(
+    first: torch.Tensor,
+    second: torch.Tensor | None,
+    weight_first: torch.Tensor | None,
+    weight_second: torch.Tensor | None,
+    eps_first: float,
+    eps_second: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rotary_bound: torch.Tensor | None,
+    rotary_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`fp8_compile.attention.rms_norm_rotary_fp8`: [B, S_i, H, D] inputs with a unit
+    last stride, [S, D] tables with a unit last stride.
+
+    An opaque op, not a ``triton_op``: Inductor's analysis of which arguments a Triton kernel
+    writes gives up on this one (its pair split and join), assumes every input is written, and
+    then copies Q or K twice and the rotary tables back after each call."""
+    out, scale = _rms_norm_rotary_outputs(first, second)
+    B, S, H, D = out.shape
+    other = second if second is not None else first
+    total_rows = B * S * H
+
+    def grid(meta):
+        return (triton.cdiv(total_rows, meta["BLOCK_ROWS"]),)
+
+    _rms_norm_rotary_fp8_kernel[grid](
+        first, other, weight_first if weight_first is not None else first, weight_second if weight_second is not None else first,
+        cos, sin, rotary_bound if rotary_bound is not None else cos, out, scale,
+        total_rows, S, first.shape[1], H, D,
+        first.stride(0), first.stride(1), first.stride(2), other.stride(0), other.stride(1), other.stride(2),
+        cos.stride(0), sin.stride(0), eps_first, eps_second, math.sqrt(D) * rotary_factor,
+        SECOND=second is not None, WEIGHTS=weight_first is not None, BOUND_TENSOR=rotary_bound is not None,
+        D_PAD=triton.next_power_of_2(D),
+    )
+    return out, scale
+
+
+@rms_norm_rotary_fp8.register_fake
+def _(first, second, weight_first, weight_second, eps_first, eps_second, cos, sin, rotary_bound, rotary_factor):
+    return _rms_norm_rotary_outputs(first, second)
+
+
+def _rms_norm_rotary_outputs(first: torch.Tensor, second: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    B, tokens, H, D = first.shape
+    tokens += second.shape[1] if second is not None else 0
+    out = torch.empty((B, tokens, H, D), dtype=torch.float8_e4m3fn, device=first.device)
+    return out, torch.empty((), dtype=torch.float32, device=first.device)

@@ -2,12 +2,14 @@
 
 The backend applies them in this order: match -> (lower to weight-only where the device has no
 FP8 GEMM) -> rotary embeddings in real arithmetic -> quantize linears -> quantize attention (option
-``fp8_attention``) -> lower block-scaled layers -> share activation quantization -> fuse activation
-functions into the quantization -> lower weight-only layers; Inductor then fuses the remaining
-element-wise work into its kernels and generates them.
+``fp8_attention``) -> fuse the queries' and keys' norm, rotation and cast -> lower block-scaled
+layers -> share activation quantization -> fuse activation functions into the quantization ->
+lower weight-only layers; Inductor then fuses the remaining element-wise work into its kernels
+and generates them.
 """
 
 from fp8_compile.passes.fuse_activation_quantization import FuseActivationQuantization
+from fp8_compile.passes.fuse_norm_rotary_quantization import FuseNormRotaryQuantization
 from fp8_compile.passes.graph import (
     LINEAR_TARGETS,
     Fp8Graph,
@@ -29,6 +31,7 @@ from fp8_compile.passes.share_activation_quantization import ShareActivationQuan
 
 __all__ = [
     "FuseActivationQuantization",
+    "FuseNormRotaryQuantization",
     "LINEAR_TARGETS",
     "Fp8Graph",
     "GraphPass",

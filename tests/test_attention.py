@@ -10,12 +10,17 @@ import torch.nn.functional as F
 
 import fp8_compile
 from fp8_compile import attention, ops
+from fp8_compile.backend import FP8_PASSES
 from fp8_compile.config import Fp8Config
+from fp8_compile.passes import FuseNormRotaryQuantization, PassManager
 
 from conftest import build, first_output, rel_error
 from test_passes import count, traced_after_passes
 
 FP8_ATTENTION = Fp8Config(fp8_attention=True)
+# the passes without the fused norm + rotation + cast, which hands the attention FP8 operands:
+# the bounds are checked against the values they bound
+UNFUSED_PASSES = PassManager([p for p in FP8_PASSES.passes if not isinstance(p, FuseNormRotaryQuantization)])
 
 
 def operands(heads=2, tokens=256, head_dim=64, seed=0):
@@ -178,7 +183,7 @@ def test_q_and_k_of_the_models_are_scaled_from_a_bound_that_holds(name, calls, b
     model, inputs = build(name)
     fp8_compile.quantize_(model)
     with caplog.at_level(logging.INFO, logger="fp8_compile"):
-        graph = traced_after_passes(model, inputs, config=FP8_ATTENTION)
+        graph = traced_after_passes(model, inputs, config=FP8_ATTENTION, passes=UNFUSED_PASSES)
     message = f"Q scaled from its normalization's bound (no amax pass) in {bounded}, K in {bounded} of {calls}"
     assert any(message in r.getMessage() for r in caplog.records)
     seen = bounds_seen(graph)
@@ -399,3 +404,56 @@ def test_a_missing_cudnn_frontend_is_named_with_the_install_command(monkeypatch)
     finally:
         attention._cudnn.cache_clear()
 
+
+
+def _unfused_query(parts, cos, sin):
+    """FLUX's attention processor from the norms to the rotated query, as diffusers writes it."""
+    x = torch.cat([F.rms_norm(t, (t.shape[-1],), w, 1e-6) for t, w in parts], dim=1)
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos[None, :, None] + rotated.float() * sin[None, :, None]).to(x.dtype)
+
+
+def _rotary_tables(tokens, head_dim, seed=0):
+    torch.manual_seed(seed)
+    angles = torch.rand(tokens, head_dim // 2) * 6
+    return (t.repeat_interleave(2, dim=-1) for t in (angles.cos(), angles.sin()))
+
+
+def test_fused_norm_rotary_quantization_is_the_unfused_ops_then_the_bound_scale():
+    """rms_norm_rotary_fp8 (the CPU reference the GPU kernel is tested against) is the model's own
+    ops, text and image tokens with their own norm weights, cast with the scale from the bound
+    sqrt(D) max|w| (|cos| + |sin|); the bound holds for the values (none saturates)."""
+    torch.manual_seed(0)
+    text, image = torch.randn(1, 16, 4, 64).bfloat16(), torch.randn(1, 48, 4, 64).bfloat16()
+    w_text, w_image = (1 + torch.rand(64)).bfloat16(), (0.5 * torch.rand(64)).bfloat16()
+    cos, sin = _rotary_tables(64, 64)
+    q8, scale = attention.rms_norm_rotary_fp8(text, image, w_text, w_image, 1e-6, 1e-6, cos, sin, 2.0)
+    y = _unfused_query([(text, w_text), (image, w_image)], cos, sin)
+    bound = 8 * max(w_text.float().abs().max(), w_image.float().abs().max()) * 2.0
+    assert scale.dtype == torch.float32 and scale.item() == pytest.approx(bound.item() / 448, rel=1e-6)
+    assert y.abs().max() <= bound
+    torch.testing.assert_close(q8.float(), ops.quantize_activation_static(y, scale).float(), rtol=0, atol=0)
+    # the tables' bound reduced in the graph (a tensor, as under regional compile)
+    q8_tensor_bound, _ = attention.rms_norm_rotary_fp8(text, image, w_text, w_image, 1e-6, 1e-6, cos, sin, torch.tensor(2.0))
+    assert torch.equal(q8_tensor_bound.float(), q8.float())
+
+
+@pytest.mark.parametrize("name, fused, calls", [("flux", 8, 4), ("flux2_klein", 6, 3), ("wan", 0, 4), ("glm_image", 0, 2)])
+def test_queries_and_keys_of_the_models_are_fused_where_they_match(name, fused, calls, caplog):
+    """FLUX.1 and FLUX.2 (torch.nn.RMSNorm, diffusers' real rotary tables; double blocks with
+    text and image norms concatenated) get every query and key from the fused op; Wan (its own
+    rotary form) and GLM-Image (in place) keep Inductor's kernels. The graph's output moves by
+    no more than rounding between the two (the bound is summed in another order: a scale one
+    float32 ulp apart flips rare values by one e4m3 step)."""
+    model, inputs = build(name)
+    fp8_compile.quantize_(model)
+    with caplog.at_level(logging.INFO, logger="fp8_compile"):
+        graph = traced_after_passes(model, inputs, config=FP8_ATTENTION)
+    message = f"{fused} of {2 * calls} FP8 attention queries and keys normalized, rotated and cast in one kernel"
+    assert any(message in r.getMessage() for r in caplog.records)
+    assert count(graph, attention.rms_norm_rotary_fp8) == fused
+    unfused = traced_after_passes(model, inputs, config=FP8_ATTENTION, passes=UNFUSED_PASSES)
+    with torch.no_grad():
+        out, reference = first_output(graph.gm(*graph.example_inputs)), first_output(unfused.gm(*unfused.example_inputs))
+    assert rel_error(out, reference) < 2e-3

@@ -63,6 +63,42 @@ def test_quantize_rows_kernel_matches_the_reference(activation, k, k_prefix):
     torch.testing.assert_close(scale.cpu(), ref_scale, rtol=1e-5, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("head_dim, two_parts, weights", [(128, True, True), (64, False, True), (80, True, False)])
+def test_rms_norm_rotary_kernel_matches_the_reference(head_dim, two_parts, weights):
+    """The fused q/k kernel against exact (float64) math, on strided inputs, batch 2, a head dim
+    that is no power of 2 (80): the same scale as the CPU reference (the model's ops), and every
+    value within half an e4m3 step of the exact one (the kernel keeps float32 throughout). The
+    reference rounds to bf16 after the norm and after the rotation, which moves values where the
+    rotation cancels: against it the kernel is close on the whole, and no further from exact."""
+    torch.manual_seed(head_dim)
+    heads, eps = 3, 1e-6
+    parts = [torch.randn(2, tokens, heads, 2 * head_dim, device="cuda", dtype=torch.bfloat16)[..., :head_dim] * 3 for tokens in (24, 40)]
+    if not two_parts:
+        parts = parts[1:]
+    norm_weights = [(0.5 + torch.rand(head_dim, device="cuda")).bfloat16() if weights else None for _ in parts]
+    tokens = sum(p.shape[1] for p in parts)
+    angles = torch.rand(tokens, head_dim // 2, device="cuda") * 6
+    cos, sin = (t.repeat_interleave(2, dim=-1)[None, :, None] for t in (angles.cos(), angles.sin()))
+    # the tables' bound as a tensor (reduced in the graph, as under regional compile) or a number
+    rotary_bound = torch.tensor(2.0, device="cuda") if two_parts else 2.0
+    args = [*parts, None][:2] + [*norm_weights, None][:2] + [eps, eps, cos, sin, rotary_bound]
+    q8, scale = attention.rms_norm_rotary_fp8(*args)
+    ref_q8, ref_scale = attention.rms_norm_rotary_fp8(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+    assert q8.shape == ref_q8.shape and q8.is_contiguous()
+    assert scale.item() == pytest.approx(ref_scale.item(), rel=1e-6)
+    x = torch.cat([F.rms_norm(p.double(), (head_dim,), None if w is None else w.double(), eps) for p, w in zip(parts, norm_weights)], 1)
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    exact = (x * cos.double() + torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(3) * sin.double()).cpu()
+    exact_fp8_units = exact / scale.item()
+    assert exact_fp8_units.abs().max() <= 448  # the bound holds
+    # round to nearest: half a step, 2^-4 relative for normal values, 2^-10 for subnormals
+    half_step = (2.0**-4 * exact_fp8_units.abs()).clamp_min(2.0**-10) + 1e-4
+    assert ((q8.cpu().double() - exact_fp8_units).abs() <= half_step).all()
+    assert rel_error(q8.cpu(), ref_q8) < 0.03
+    kernel_error = rel_error(q8.cpu().double() * scale.item(), exact)
+    assert kernel_error <= rel_error(ref_q8.double() * ref_scale.item(), exact)
+
+
 def test_only_reductions_that_write_fp8_are_forced_persistent():
     """Rows of 5120 (Wan2.2's width): the norm + quantize kernel keeps the row on chip (one
     pass); a norm that writes BF16 keeps Inductor's choice (forced persistent, Wan2.2's q/k

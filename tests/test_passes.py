@@ -13,13 +13,13 @@ from fp8_compile.passes.real_rotary import rotate_pairs
 from conftest import build, first_output, rel_error
 
 
-def traced_after_passes(model, inputs, config=Fp8Config(), lowering=Lowering.W8A8):
+def traced_after_passes(model, inputs, config=Fp8Config(), lowering=Lowering.W8A8, passes=FP8_PASSES):
     graphs = []
 
     def passes_only(gm, example_inputs):
         graph = Fp8Graph(gm, list(example_inputs), config, torch.device("cpu"), lowering)
         MatchLinearLayers()(graph)
-        FP8_PASSES(graph)
+        passes(graph)
         graphs.append(graph)
         return gm.forward
 
