@@ -269,27 +269,35 @@ def quantize_rows(
     return out, scale
 
 
+# heads a program of the fused q/k kernel covers (8 of FLUX's 24: each cos/sin row read 3 times, not 24)
+ROTARY_HEADS_PER_PROGRAM = 8
+
+
 @triton.jit
-def _pairs(t, ROWS: tl.constexpr, D_PAD: tl.constexpr):
-    """[ROWS, D_PAD] -> its even and odd columns, each [ROWS, D_PAD // 2]."""
-    return tl.split(tl.reshape(t, (ROWS, D_PAD // 2, 2)))
+def _pairs(t, SHAPE: tl.constexpr):
+    """[..., D_PAD] of shape SHAPE -> its even and odd channels, each [..., D_PAD // 2]."""
+    return tl.split(tl.reshape(t, SHAPE[:-1] + (SHAPE[-1] // 2, 2)))
 
 
 @triton.autotune(
-    configs=[triton.Config({"BLOCK_ROWS": r}, num_warps=w) for r, w in [(16, 4), (32, 4), (32, 8), (64, 8)]],
-    key=["D", "H", "SECOND"],
+    configs=[triton.Config({"BLOCK_S": b}, num_warps=w) for b, w in [(2, 4), (4, 4), (4, 8), (8, 8)]],
+    key=["D", "H", "SECOND", "HEADS"],
 )
 @triton.jit
 def _rms_norm_rotary_fp8_kernel(
     first_ptr, second_ptr, w_first_ptr, w_second_ptr, cos_ptr, sin_ptr, bound_ptr, out_ptr, scale_ptr,
-    total_rows, S, S_FIRST, H, D,
+    total_tokens, S, S_FIRST, H, D,
     stride_first_b, stride_first_s, stride_first_h, stride_second_b, stride_second_s, stride_second_h,
     stride_cos, stride_sin, eps_first, eps_second, bound_factor,
     SECOND: tl.constexpr, WEIGHTS: tl.constexpr, BOUND_TENSOR: tl.constexpr,
-    D_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    HEADS: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    """One program: BLOCK_S tokens x HEADS heads, so that each token's cos and sin rows (float32,
+    as large as the operand's bf16 rows) are read once for HEADS heads."""
     # float arguments may arrive as float64 (Inductor passes them so): the arithmetic is float32
-    eps_first, eps_second, bound_factor = eps_first.to(tl.float32), eps_second.to(tl.float32), bound_factor.to(tl.float32)
+    eps_first = tl.cast(eps_first, tl.float32)
+    eps_second = tl.cast(eps_second, tl.float32)
+    bound_factor = tl.cast(bound_factor, tl.float32)
     cols = tl.arange(0, D_PAD)
     in_row = cols < D
     # the scale, from the bound |y| <= sqrt(D) max|w| (max|cos| + max|sin|) (bound_factor: sqrt(D)
@@ -306,45 +314,49 @@ def _rms_norm_rotary_fp8_kernel(
     if BOUND_TENSOR:
         bound *= tl.load(bound_ptr)
     scale = tl.maximum(bound, 1e-12, propagate_nan=tl.PropagateNan.ALL) / 448.0
-    if tl.program_id(0) == 0:
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
         tl.store(scale_ptr, scale)
     inverse = 1.0 / scale
 
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    live = rows < total_rows
-    h = rows % H
-    s = (rows // H) % S
-    b = rows // (H * S)
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
+    b = tokens // S
+    s = tokens % S
     first = s < S_FIRST
-    offsets = b * stride_first_b + s * stride_first_s + h * stride_first_h
-    mask = live[:, None] & in_row[None, :]
+    live = tokens < total_tokens
+    mask = live[:, None, None] & (heads < H)[None, :, None] & in_row[None, None, :]
+    channels = heads[None, :, None] * stride_first_h + cols[None, None, :]
+    x_first = first_ptr + (b * stride_first_b + s * stride_first_s)[:, None, None] + channels
     if SECOND:
-        second_offsets = b * stride_second_b + (s - S_FIRST) * stride_second_s + h * stride_second_h
+        is_first = first[:, None, None]
+        second_channels = heads[None, :, None] * stride_second_h + cols[None, None, :]
+        x_second = second_ptr + (b * stride_second_b + (s - S_FIRST) * stride_second_s)[:, None, None] + second_channels
         x = tl.where(
-            first[:, None],
-            tl.load(first_ptr + offsets[:, None] + cols[None, :], mask=mask & first[:, None], other=0.0),
-            tl.load(second_ptr + second_offsets[:, None] + cols[None, :], mask=mask & ~first[:, None], other=0.0),
+            is_first, tl.load(x_first, mask=mask & is_first, other=0.0), tl.load(x_second, mask=mask & ~is_first, other=0.0)
         ).to(tl.float32)
-        eps = tl.where(first, eps_first, eps_second)
-        w = tl.where(first[:, None], w_first[None, :], w_second[None, :])
+        eps = tl.where(first, eps_first, eps_second)[:, None]
+        w = tl.where(first[:, None], w_first[None, :], w_second[None, :])[:, None, :]
     else:
-        x = tl.load(first_ptr + offsets[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_first, mask=mask, other=0.0).to(tl.float32)
         eps = eps_first
-        w = tl.broadcast_to(w_first[None, :], (BLOCK_ROWS, D_PAD))
-    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
-    y = x * rstd[:, None] * w
-    cos = tl.load(cos_ptr + s[:, None] * stride_cos + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + s[:, None] * stride_sin + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        w = w_first[None, None, :]
+    rstd = tl.rsqrt(tl.sum(x * x, axis=2) / D + eps)
+    y = x * rstd[:, :, None] * w
+    table_mask = live[:, None] & in_row[None, :]
+    cos = tl.load(cos_ptr + s[:, None] * stride_cos + cols[None, :], mask=table_mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + s[:, None] * stride_sin + cols[None, :], mask=table_mask, other=0.0).to(tl.float32)
     # pairs (y0, y1) -> (y0 cos0 - y1 sin0, y1 cos1 + y0 sin1), diffusers' apply_rotary_emb
-    y_even, y_odd = _pairs(y, BLOCK_ROWS, D_PAD)
-    cos_even, cos_odd = _pairs(cos, BLOCK_ROWS, D_PAD)
-    sin_even, sin_odd = _pairs(sin, BLOCK_ROWS, D_PAD)
+    y_even, y_odd = _pairs(y, (BLOCK_S, HEADS, D_PAD))
+    cos_even, cos_odd = _pairs(cos, (BLOCK_S, D_PAD))
+    sin_even, sin_odd = _pairs(sin, (BLOCK_S, D_PAD))
+    cos_even, cos_odd, sin_even, sin_odd = cos_even[:, None, :], cos_odd[:, None, :], sin_even[:, None, :], sin_odd[:, None, :]
     rotated = tl.reshape(
-        tl.join(y_even * cos_even - y_odd * sin_even, y_odd * cos_odd + y_even * sin_odd), (BLOCK_ROWS, D_PAD)
+        tl.join(y_even * cos_even - y_odd * sin_even, y_odd * cos_odd + y_even * sin_odd), (BLOCK_S, HEADS, D_PAD)
     )
     q = tl.clamp(rotated * inverse, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
     q = tl.where(tl.abs(rotated) == float("inf"), float("nan"), q)  # as quantize_activation_static
-    tl.store(out_ptr + rows[:, None] * D + cols[None, :], q.to(tl.float8e4nv), mask=mask)
+    out = out_ptr + ((tokens * H)[:, None, None] + heads[None, :, None]) * D + cols[None, None, :]
+    tl.store(out, q.to(tl.float8e4nv), mask=mask)
 
 
 @torch.library.custom_op("fp8_compile::rms_norm_rotary_fp8", mutates_args=())
@@ -369,19 +381,19 @@ def rms_norm_rotary_fp8(
     out, scale = _rms_norm_rotary_outputs(first, second)
     B, S, H, D = out.shape
     other = second if second is not None else first
-    total_rows = B * S * H
+    heads = min(ROTARY_HEADS_PER_PROGRAM, triton.next_power_of_2(H))
 
     def grid(meta):
-        return (triton.cdiv(total_rows, meta["BLOCK_ROWS"]),)
+        return (triton.cdiv(B * S, meta["BLOCK_S"]), triton.cdiv(H, heads))
 
     _rms_norm_rotary_fp8_kernel[grid](
         first, other, weight_first if weight_first is not None else first, weight_second if weight_second is not None else first,
         cos, sin, rotary_bound if rotary_bound is not None else cos, out, scale,
-        total_rows, S, first.shape[1], H, D,
+        B * S, S, first.shape[1], H, D,
         first.stride(0), first.stride(1), first.stride(2), other.stride(0), other.stride(1), other.stride(2),
         cos.stride(0), sin.stride(0), eps_first, eps_second, math.sqrt(D) * rotary_factor,
         SECOND=second is not None, WEIGHTS=weight_first is not None, BOUND_TENSOR=rotary_bound is not None,
-        D_PAD=triton.next_power_of_2(D),
+        HEADS=heads, D_PAD=triton.next_power_of_2(D),
     )
     return out, scale
 
