@@ -457,3 +457,90 @@ def test_queries_and_keys_of_the_models_are_fused_where_they_match(name, fused, 
     with torch.no_grad():
         out, reference = first_output(graph.gm(*graph.example_inputs)), first_output(unfused.gm(*unfused.example_inputs))
     assert rel_error(out, reference) < 2e-3
+
+
+def _rotated(x, order="odd_first", odd=torch.neg, exchanged=False):
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    if exchanged:
+        x_real, x_imag = x_imag, x_real
+    odd = odd(x_imag)
+    return torch.stack([odd, x_real] if order == "odd_first" else [x_real, odd], dim=-1).flatten(3)
+
+
+class FluxLikeAttention(torch.nn.Module):
+    """FLUX's attention processor from the projections on ([B, S, H, D] text and image parts, each
+    with its own RMSNorm, then one rotary embedding), and look-alikes of it (``variant``)."""
+
+    def __init__(self, variant="flux", head_dim=64):
+        super().__init__()
+        self.variant = variant
+        self.norms = torch.nn.ModuleList(torch.nn.RMSNorm(head_dim, eps=1e-6) for _ in range(4))
+        for norm in self.norms:
+            torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+
+    def operand(self, text, image, text_norm, image_norm, cos, sin):
+        variant = self.variant
+        if variant == "norm_over_all_heads":  # one RMSNorm over [H, D]: another bound, another kernel
+            x = torch.cat([F.rms_norm(t, t.shape[2:]) for t in (text, image)], dim=1)
+        else:
+            x = torch.cat([text_norm(text), image_norm(image)], dim=2 if variant == "cat_heads" else 1)
+        rotated = {
+            "pairs_swapped": lambda: _rotated(x, order="even_first"),
+            "sign_flipped": lambda: _rotated(x, odd=lambda t: t),
+            "odd_flipped": lambda: _rotated(x, odd=lambda t: t.flip(-1)),
+            "other_tensor": lambda: _rotated(x.flip(1)),
+            "halves_exchanged": lambda: _rotated(x, exchanged=True),
+        }.get(variant, lambda: _rotated(x))()
+        if variant == "tables_per_head":  # [1, S, H, D]: the kernel reads one table row per token
+            scales = torch.linspace(0.5, 1.0, x.shape[2])[None, None, :, None]
+            cos, sin = cos * scales, sin * scales
+        return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+    def forward(self, text_q, image_q, text_k, image_k, value, cos, sin):
+        q = self.operand(text_q, image_q, self.norms[0], self.norms[1], cos, sin)
+        k = self.operand(text_k, image_k, self.norms[2], self.norms[3], cos, sin)
+        out = F.scaled_dot_product_attention(*(t.permute(0, 2, 1, 3) for t in (q, k, value)))
+        return out.permute(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize(
+    "variant, fused",
+    [
+        ("flux", 2),
+        ("pairs_swapped", 0),
+        ("sign_flipped", 0),
+        ("odd_flipped", 0),
+        ("other_tensor", 0),
+        ("halves_exchanged", 0),
+        ("cat_heads", 0),
+        ("norm_over_all_heads", 0),
+        ("tables_per_head", 0),
+    ],
+)
+def test_only_the_flux_form_is_fused(variant, fused):
+    """The fused kernel computes FLUX's form and nothing else, so each look-alike (channel pairs
+    the other way round, the other sign, another op than the negation, a rotation of another tensor, of x with
+    each pair's halves exchanged, parts joined along the heads, one norm over all heads, tables that differ per head) must keep
+    the graph's own ops: fused, any of them would give
+    other numbers. Checked by the output against the graph without the pass (rounding apart)."""
+    torch.manual_seed(0)
+    heads, head_dim, text, image = 8, 64, 16, 240
+    # tables a little larger than 1 (no cos/sin identity assumed): bounds come from their amax
+    cos, sin = (1.2 * t[None, :, None] for t in _rotary_tables(text + image, head_dim))
+    if variant == "cat_heads":
+        cos, sin = cos[:, :image], sin[:, :image]
+        text = image
+    inputs = {
+        "text_q": torch.randn(1, text, heads, head_dim), "image_q": torch.randn(1, image, heads, head_dim),
+        "text_k": torch.randn(1, text, heads, head_dim), "image_k": torch.randn(1, image, heads, head_dim),
+        "value": torch.randn(1, cos.shape[1], 2 * heads if variant == "cat_heads" else heads, head_dim),
+        "cos": cos, "sin": sin,
+    }  # fmt: skip
+    model = FluxLikeAttention(variant, head_dim)
+    graph = traced_after_passes(model, inputs, FP8_ATTENTION)
+    assert count(graph, attention.rms_norm_rotary_fp8) == fused
+    assert count(graph, attention.fp8_attention) == 1
+    unfused = traced_after_passes(model, inputs, FP8_ATTENTION, passes=UNFUSED_PASSES)
+    with torch.no_grad():
+        out, reference = graph.gm(*graph.example_inputs)[0], unfused.gm(*unfused.example_inputs)[0]
+    assert rel_error(out, reference) < 1e-3
