@@ -101,6 +101,8 @@ def rms_norm_rotary_fp8(
     The numbers are those of the unfused ops followed by :func:`_quantize` with that bound (one
     Triton kernel on NVIDIA GPUs, which keeps float32 where the model rounds to its dtype between
     steps; those ops elsewhere)."""
+    if second is not None and (weight_first is None) != (weight_second is None):
+        raise ValueError("rms_norm_rotary_fp8: give both parts a norm weight or neither (the GPU kernel takes one for each or none)")
     head_dim = first.shape[-1]
     tables = [t.reshape(-1, head_dim) for t in (cos, sin)]
     tables = [t if t.stride(-1) == 1 else t.contiguous() for t in tables]

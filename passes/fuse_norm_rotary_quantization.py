@@ -101,8 +101,8 @@ def _rms_norm_part(node, head_dim: int) -> tuple[fx.Node, fx.Node | None, float]
     value = example_value(x)
     if not (isinstance(value, torch.Tensor) and value.dim() == 4 and value.dtype.is_floating_point):
         return None
-    if eps is None:  # torch's default
-        eps = torch.finfo(value.dtype).eps
+    if eps is None:  # torch's default: the eps of the float type it computes in (float32 for half types)
+        eps = torch.finfo(torch.promote_types(value.dtype, torch.float32)).eps
     if not isinstance(eps, (int, float)) or eps < 0:
         return None
     return x, weight, float(eps)
@@ -115,7 +115,9 @@ def _normalized_parts(node, head_dim: int) -> list | None:
         return [part]
     if _call(node, torch.cat, torch.concat) and _arg(node, 1, "dim", 0) == 1 and len(node.args[0]) == 2:
         parts = [_rms_norm_part(p, head_dim) for p in node.args[0]]
-        return parts if None not in parts else None
+        if None in parts or (parts[0][1] is None) != (parts[1][1] is None):
+            return None  # the kernel takes a norm weight for both parts or for neither
+        return parts
     return None
 
 

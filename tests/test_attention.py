@@ -471,12 +471,14 @@ class FluxLikeAttention(torch.nn.Module):
     """FLUX's attention processor from the projections on ([B, S, H, D] text and image parts, each
     with its own RMSNorm, then one rotary embedding), and look-alikes of it (``variant``)."""
 
-    def __init__(self, variant="flux", head_dim=64):
+    def __init__(self, variant="flux", head_dim=64, eps=1e-6, text_weights=True):
         super().__init__()
         self.variant = variant
-        self.norms = torch.nn.ModuleList(torch.nn.RMSNorm(head_dim, eps=1e-6) for _ in range(4))
+        affine = (text_weights, True, text_weights, True)
+        self.norms = torch.nn.ModuleList(torch.nn.RMSNorm(head_dim, eps=eps, elementwise_affine=a) for a in affine)
         for norm in self.norms:
-            torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+            if norm.weight is not None:
+                torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
 
     def operand(self, text, image, text_norm, image_norm, cos, sin):
         variant = self.variant
@@ -544,3 +546,38 @@ def test_only_the_flux_form_is_fused(variant, fused):
     with torch.no_grad():
         out, reference = graph.gm(*graph.example_inputs)[0], unfused.gm(*unfused.example_inputs)[0]
     assert rel_error(out, reference) < 1e-3
+
+
+def _flux_like_inputs(heads=8, head_dim=64, text=16, image=240, scale=1.0, dtype=torch.float32):
+    torch.manual_seed(0)
+    cos, sin = (t[None, :, None].to(dtype) for t in _rotary_tables(text + image, head_dim))
+    operands = {
+        name: scale * torch.randn(1, tokens, heads, head_dim, dtype=dtype)
+        for name, tokens in (("text_q", text), ("image_q", image), ("text_k", text), ("image_k", image))
+    }
+    return {**operands, "value": torch.randn(1, text + image, heads, head_dim, dtype=dtype), "cos": cos, "sin": sin}
+
+
+def test_a_norm_with_torchs_default_eps_keeps_it():
+    """torch.nn.RMSNorm(eps=None) on bf16 uses float32's eps (1.2e-7), not bf16's (0.0078): with
+    the wrong one, rows of small values (an RMS of 0.05 here) come out 2x too small."""
+    model = FluxLikeAttention(eps=None).bfloat16()
+    inputs = _flux_like_inputs(scale=0.05, dtype=torch.bfloat16)
+    graph = traced_after_passes(model, inputs, FP8_ATTENTION)
+    assert count(graph, attention.rms_norm_rotary_fp8) == 2
+    unfused = traced_after_passes(model, inputs, FP8_ATTENTION, passes=UNFUSED_PASSES)
+    with torch.no_grad():
+        out, reference = graph.gm(*graph.example_inputs)[0], unfused.gm(*unfused.example_inputs)[0]
+    assert rel_error(out, reference) < 1e-2
+
+
+def test_parts_with_and_without_a_norm_weight_are_not_fused():
+    """The GPU kernel takes a norm weight for both parts or for neither: text normalized without
+    a weight next to image with one stays in the graph's ops, and the op refuses the mix."""
+    model = FluxLikeAttention(text_weights=False)
+    graph = traced_after_passes(model, _flux_like_inputs(), FP8_ATTENTION)
+    assert count(graph, attention.rms_norm_rotary_fp8) == 0 and count(graph, attention.fp8_attention) == 1
+    text, image = torch.randn(1, 4, 2, 64), torch.randn(1, 6, 2, 64)
+    cos, sin = _rotary_tables(10, 64)
+    with pytest.raises(ValueError, match="both parts a norm weight or neither"):
+        attention.rms_norm_rotary_fp8(text, image, None, torch.ones(64), 1e-6, 1e-6, cos, sin, 2.0)
