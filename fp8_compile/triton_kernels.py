@@ -234,8 +234,7 @@ def _quantize_rows_kernel(
     scale = tl.maximum(row_amax, 1e-12, propagate_nan=tl.PropagateNan.ALL) / 448.0
     tl.store(scale_ptr + row, scale)
     # a multiply by the reciprocal, not a division per element: this kernel is bound by its
-    # arithmetic (the activation, twice), and the two differ by an ulp of float32, far below
-    # e4m3's step
+    # arithmetic, and the two differ by an ulp of float32, far below e4m3's step
     inverse = 1.0 / scale
     out_row = out_ptr + row * stride_out
     for k in range(0, K_PREFIX, BLOCK):

@@ -4,7 +4,7 @@ Once Q and K are scaled from their norm's bound (``QuantizeAttention``), what is
 FP8 attention is element-wise work along each head's row: normalize, rotate channel pairs, cast.
 Inductor writes it as a looped reduction that gathers each pair's partner from memory, and in
 FLUX's double blocks as three kernels per operand around the text/image concatenation (the q/k
-kernels took ~3.7 + ~2.4 ms of a FLUX.1-dev forward on an H100, against ~1.4 for their bytes).
+kernels took ~3.6 + ~2.6 ms of a FLUX.1-dev forward on an H100, against ~1.4 for their bytes).
 This pass matches, on the query and key of each FP8 attention call, diffusers' real-table form
 
     apply_rotary_emb(rms_norm(x), (cos, sin))                              FLUX.1 / FLUX.2 single blocks
@@ -22,17 +22,22 @@ import operator
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from fp8_compile import attention
-from fp8_compile.passes.graph import MUL_TARGETS, Fp8Graph, example_value
+from fp8_compile.passes.graph import (
+    MUL_TARGETS,
+    RMS_NORM_ARGUMENTS,
+    RMS_NORMS,
+    Fp8Graph,
+    example_value,
+    named_arguments,
+)
 from fp8_compile.passes.magnitude_bound import MagnitudeBound
 from fp8_compile.passes.pass_manager import GraphPass
 from fp8_compile.passes.quantize_attention import MEASURED_FRACTION
 
 logger = logging.getLogger("fp8_compile")
 
-_RMS_NORMS = (F.rms_norm, torch.rms_norm)
 _NEG = (operator.neg, torch.neg, "neg")
 _ADD = (operator.add, torch.add)
 # layout-only steps between the rotary embedding and the attention call (diffusers' native
@@ -92,9 +97,9 @@ def _rotated_pairs(node) -> fx.Node | None:
 
 def _rms_norm_part(node, head_dim: int) -> tuple[fx.Node, fx.Node | None, float] | None:
     """(input, weight, eps) of ``rms_norm(input, (head_dim,), weight, eps)`` on a 4-D input."""
-    if not _call(node, *_RMS_NORMS):
+    if not _call(node, *RMS_NORMS):
         return None
-    named = {**dict(zip(("input", "normalized_shape", "weight", "eps"), node.args)), **node.kwargs}
+    named = named_arguments(node, RMS_NORM_ARGUMENTS)
     if named.get("normalized_shape") not in (head_dim, (head_dim,), [head_dim]):
         return None
     x, weight, eps = named["input"], named.get("weight"), named.get("eps")

@@ -16,6 +16,9 @@ from fp8_compile.config import Fp8Config
 # How a linear layer appears in a graph that Dynamo traced.
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
 MUL_TARGETS = (operator.mul, torch.mul)
+RMS_NORMS = (F.rms_norm, torch.rms_norm)
+# their arguments in order, as named_arguments reads them
+RMS_NORM_ARGUMENTS = ("input", "normalized_shape", "weight", "eps")
 SCALED_LINEAR = torch.ops.fp8_compile.scaled_linear.default
 WEIGHT_ONLY_LINEAR = torch.ops.fp8_compile.weight_only_scaled_linear.default
 
@@ -59,6 +62,11 @@ class Fp8Graph:
         """The example input bound to each placeholder node."""
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         return dict(zip(placeholders, self.example_inputs))
+
+
+def named_arguments(node: fx.Node, names: tuple[str, ...]) -> dict:
+    """A call's arguments by name, however they were spelled (positionally or as keywords)."""
+    return {**dict(zip(names, node.args)), **node.kwargs}
 
 
 def example_value(value: object) -> object:

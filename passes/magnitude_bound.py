@@ -32,7 +32,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fp8_compile import ops
-from fp8_compile.passes.graph import MUL_TARGETS, example_value, written_by
+from fp8_compile.passes.graph import (
+    MUL_TARGETS,
+    RMS_NORM_ARGUMENTS,
+    RMS_NORMS,
+    example_value,
+    named_arguments,
+    written_by,
+)
 from fp8_compile.passes.real_rotary import rotate_pairs
 
 # A bound: a Python number, or a node computing a float32 scalar tensor.
@@ -54,7 +61,6 @@ _SAME_MAGNITUDE_FUNCTIONS = {
 _CASTS = {"to", "float", "bfloat16", "half", "type_as"}
 _BOUNDED_BY_ONE = {"cos", "sin", torch.cos, torch.sin}
 _ADD_TARGETS = (operator.add, torch.add, operator.sub, torch.sub)
-_RMS_NORMS = (F.rms_norm, torch.rms_norm)
 _LAYER_NORMS = (F.layer_norm, torch.layer_norm)
 
 
@@ -184,8 +190,8 @@ class MagnitudeBound:
             return self._operand(args[0]) if _keeps_values(node) else None
         if target in (torch.cat, torch.stack) and isinstance(args[0], (list, tuple)):
             return self._maximum([self._operand(a) for a in args[0]])
-        if target in _RMS_NORMS:
-            return self._normalized(node, ("input", "normalized_shape", "weight", "eps"))
+        if target in RMS_NORMS:
+            return self._normalized(node, RMS_NORM_ARGUMENTS)
         if target in _LAYER_NORMS:
             return self._normalized(node, ("input", "normalized_shape", "weight", "bias", "eps"))
         if target is rotate_pairs:  # |a cos - b sin| <= sqrt(a^2 + b^2) |freqs|
@@ -208,7 +214,7 @@ class MagnitudeBound:
         """RMSNorm: |w_i x_i / rms(x)| <= sqrt(d) max|w|. LayerNorm: the same for the centred row
         (its deviations from the mean), plus max|b|. Only with eps >= 0 (a negative eps shrinks
         the denominator)."""
-        named = {**dict(zip(names, node.args)), **node.kwargs}
+        named = named_arguments(node, names)
         size = _normalized_size(named.get("normalized_shape"))
         eps = named.get("eps")
         if size is None or not (eps is None or (_number(eps) and eps >= 0)):

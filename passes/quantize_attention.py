@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fp8_compile import attention
-from fp8_compile.passes.graph import Fp8Graph, example_value
+from fp8_compile.passes.graph import Fp8Graph, example_value, named_arguments
 from fp8_compile.passes.magnitude_bound import MagnitudeBound
 from fp8_compile.passes.pass_manager import GraphPass
 
@@ -32,7 +32,7 @@ SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale
 
 def sdpa_arguments(node: fx.Node) -> dict:
     """A ``scaled_dot_product_attention`` call's arguments by name, however they were spelled."""
-    return {**SDPA_DEFAULTS, **dict(zip(SDPA_ARGUMENTS, node.args)), **node.kwargs}
+    return {**SDPA_DEFAULTS, **named_arguments(node, SDPA_ARGUMENTS)}
 
 
 def _unsupported_reason(arguments: dict) -> str | None:

@@ -129,6 +129,16 @@ def test_a_bound_instead_of_the_amax_costs_no_accuracy(heads, norm_size, weight_
     assert bound_error < 1.05 * amax_error
 
 
+def test_an_operand_given_in_fp8_needs_its_scale():
+    """A query handed over already in FP8 (by the fused norm + rotation kernel) comes with its
+    scale; without one there is nothing to tell cuDNN, and the call says which argument is missing."""
+    q, k, v = operands()
+    q8, q_scale = ops.quantize_activation(q, "per_tensor")
+    with pytest.raises(ValueError, match="query_scale / key_scale"):
+        attention.fp8_attention(q8, k, v)
+    torch.testing.assert_close(attention.fp8_attention(q8, k, v, query_scale=q_scale), attention.fp8_attention(q, k, v))
+
+
 def test_a_bound_below_the_data_saturates_instead_of_overflowing():
     """Should a bound ever be wrong, the values above it saturate at 448 (a finite, clipped
     output), rather than becoming NaN or Inf."""
