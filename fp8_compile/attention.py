@@ -96,7 +96,9 @@ def rms_norm_rotary_fp8(
     of ``first`` [B, S1, H, D] (and of ``second`` [B, S2, H, D], the tokens after it, with their own
     weight and eps), diffusers' rotary embedding (``apply_rotary_emb`` with real [S, D] tables,
     channel pairs rotated), and per-tensor FP8 scaled from the bound sqrt(D) max|w| x
-    ``rotary_bound`` (a bound on |cos| + |sin|). Returns (FP8 [B, S, H, D], float32 scale).
+    ``rotary_bound`` (a bound on |cos| + |sin|: a number, or a float32 tensor of partial maxima
+    whose rows' maxima add up to it, as :func:`rotary_table_maxima` gives; a scalar tensor is
+    one such row). Returns (FP8 [B, S, H, D], float32 scale).
 
     The numbers are those of the unfused ops followed by :func:`_quantize` with that bound (one
     Triton kernel on NVIDIA GPUs, which keeps float32 where the model rounds to its dtype between
@@ -104,14 +106,19 @@ def rms_norm_rotary_fp8(
     if second is not None and (weight_first is None) != (weight_second is None):
         raise ValueError("rms_norm_rotary_fp8: give both parts a norm weight or neither (the GPU kernel takes one for each or none)")
     head_dim = first.shape[-1]
-    tables = [t.reshape(-1, head_dim) for t in (cos, sin)]
-    tables = [t if t.stride(-1) == 1 else t.contiguous() for t in tables]
+    tables = _table_rows(cos, sin, head_dim)
+    if isinstance(rotary_bound, torch.Tensor):
+        rotary_bound = torch.atleast_2d(rotary_bound.float()).contiguous()
+        if rotary_bound.dim() != 2 or rotary_bound.shape[0] > 2:
+            raise ValueError(f"rms_norm_rotary_fp8: rotary_bound of shape {list(rotary_bound.shape)} (a number, or [R <= 2, P] partial maxima)")
     if first.is_cuda:
         from fp8_compile.triton_kernels import rms_norm_rotary_fp8 as kernel
 
         bound_tensor, factor = (rotary_bound, 1.0) if isinstance(rotary_bound, torch.Tensor) else (None, float(rotary_bound))
         operands = [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (first, second)]
         return kernel(*operands, weight_first, weight_second, eps_first, eps_second, *tables, bound_tensor, factor)
+    if isinstance(rotary_bound, torch.Tensor):
+        rotary_bound = rotary_bound.amax(dim=-1).sum()
     parts = [(first, weight_first, eps_first)] + ([(second, weight_second, eps_second)] if second is not None else [])
     x = torch.cat([F.rms_norm(part, (head_dim,), weight, eps) for part, weight, eps in parts], dim=1)
     x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
@@ -121,6 +128,26 @@ def rms_norm_rotary_fp8(
     weight_bounds = [ops.abs_max(w) if w is not None else torch.ones((), device=x.device) for _, w, _ in parts]
     scale = bound_scale(functools.reduce(torch.maximum, weight_bounds) * math.sqrt(head_dim) * rotary_bound)
     return ops.quantize_activation_static(y, scale), scale
+
+
+def rotary_table_maxima(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """max |cos| and max |sin| of rotary tables ([1, S, 1, D] or [S, D]) as partial maxima, a
+    float32 [2, P] tensor whose rows' maxima are the two (P = 1 on the CPU): the bound on
+    |cos| + |sin| that :func:`rms_norm_rotary_fp8` takes, made by one small kernel on NVIDIA GPUs
+    (Inductor reduced each table in two, and added them in a third) and finished inside the
+    fused kernel."""
+    tables = _table_rows(cos, sin, cos.shape[-1])
+    if cos.is_cuda:
+        from fp8_compile.triton_kernels import rotary_table_maxima as kernel
+
+        return kernel(*tables)
+    return torch.stack([ops.abs_max(t) for t in tables]).reshape(2, 1)
+
+
+def _table_rows(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> list[torch.Tensor]:
+    """The tables as [S, D] rows with a unit last stride, as the kernels read them."""
+    tables = [t.reshape(-1, head_dim) for t in (cos, sin)]
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in tables]
 
 
 @torch.library.custom_op("fp8_compile::fp8_sdpa", mutates_args=())

@@ -287,8 +287,8 @@ def _rms_norm_rotary_fp8_kernel(
     first_ptr, second_ptr, w_first_ptr, w_second_ptr, cos_ptr, sin_ptr, bound_ptr, out_ptr, scale_ptr,
     total_tokens, S, S_FIRST, H, D,
     stride_first_b, stride_first_s, stride_first_h, stride_second_b, stride_second_s, stride_second_h,
-    stride_cos, stride_sin, eps_first, eps_second, bound_factor,
-    SECOND: tl.constexpr, WEIGHTS: tl.constexpr, BOUND_TENSOR: tl.constexpr,
+    stride_cos, stride_sin, eps_first, eps_second, bound_factor, BOUND_ROWS, BOUND_PARTS,
+    SECOND: tl.constexpr, WEIGHTS: tl.constexpr, BOUND_TENSOR: tl.constexpr, BOUND_PARTS_PAD: tl.constexpr,
     HEADS: tl.constexpr, D_PAD: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """One program: BLOCK_S tokens x HEADS heads, so that each token's cos and sin rows (float32,
@@ -301,7 +301,7 @@ def _rms_norm_rotary_fp8_kernel(
     in_row = cols < D
     # the scale, from the bound |y| <= sqrt(D) max|w| (max|cos| + max|sin|) (bound_factor: sqrt(D)
     # times the tables' bound where it is a number): every program computes it from the norm
-    # weights (D values each), program 0 also writes it out
+    # weights (D values each) and the tables' partial maxima, program 0 also writes it out
     w_first = tl.full((D_PAD,), 1.0, tl.float32)
     w_second = w_first
     if WEIGHTS:
@@ -311,7 +311,15 @@ def _rms_norm_rotary_fp8_kernel(
     w_max = tl.maximum(_nan_aware_max(tl.abs(w_first)), _nan_aware_max(tl.abs(w_second)), propagate_nan=tl.PropagateNan.ALL)
     bound = w_max * bound_factor
     if BOUND_TENSOR:
-        bound *= tl.load(bound_ptr)
+        # [BOUND_ROWS, BOUND_PARTS] partial maxima (rotary_table_maxima's): the sum of the rows' maxima
+        parts = tl.arange(0, BOUND_PARTS_PAD)
+        partials = tl.load(
+            bound_ptr + tl.arange(0, 2)[:, None] * BOUND_PARTS + parts[None, :],
+            mask=(tl.arange(0, 2) < BOUND_ROWS)[:, None] & (parts < BOUND_PARTS)[None, :],
+            other=0.0,
+        )
+        table_bound = tl.sum(tl.max(partials, 1), 0)
+        bound *= tl.where(tl.sum(tl.sum((partials != partials).to(tl.int32), 1), 0) > 0, float("nan"), table_bound)
     scale = tl.maximum(bound, 1e-12, propagate_nan=tl.PropagateNan.ALL) / 448.0
     if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
         tl.store(scale_ptr, scale)
@@ -372,7 +380,8 @@ def rms_norm_rotary_fp8(
     rotary_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`fp8_compile.attention.rms_norm_rotary_fp8`: [B, S_i, H, D] inputs with a unit
-    last stride, [S, D] tables with a unit last stride.
+    last stride, [S, D] tables with a unit last stride, ``rotary_bound`` a contiguous float32
+    [R <= 2, P] tensor of partial maxima (or None: ``rotary_factor`` is the bound).
 
     An opaque op, not a ``triton_op``: Inductor's analysis of which arguments a Triton kernel
     writes gives up on this one (its pair split and join), assumes every input is written, and
@@ -382,6 +391,8 @@ def rms_norm_rotary_fp8(
     other = second if second is not None else first
     heads = min(ROTARY_HEADS_PER_PROGRAM, triton.next_power_of_2(H))
 
+    bound_rows, bound_parts = rotary_bound.shape if rotary_bound is not None else (0, 1)
+
     def grid(meta):
         return (triton.cdiv(B * S, meta["BLOCK_S"]), triton.cdiv(H, heads))
 
@@ -390,9 +401,9 @@ def rms_norm_rotary_fp8(
         cos, sin, rotary_bound if rotary_bound is not None else cos, out, scale,
         B * S, S, first.shape[1], H, D,
         first.stride(0), first.stride(1), first.stride(2), other.stride(0), other.stride(1), other.stride(2),
-        cos.stride(0), sin.stride(0), eps_first, eps_second, math.sqrt(D) * rotary_factor,
+        cos.stride(0), sin.stride(0), eps_first, eps_second, math.sqrt(D) * rotary_factor, bound_rows, bound_parts,
         SECOND=second is not None, WEIGHTS=weight_first is not None, BOUND_TENSOR=rotary_bound is not None,
-        HEADS=heads, D_PAD=triton.next_power_of_2(D),
+        BOUND_PARTS_PAD=triton.next_power_of_2(bound_parts), HEADS=heads, D_PAD=triton.next_power_of_2(D),
     )
     return out, scale
 
@@ -407,3 +418,49 @@ def _rms_norm_rotary_outputs(first: torch.Tensor, second: torch.Tensor | None) -
     tokens += second.shape[1] if second is not None else 0
     out = torch.empty((B, tokens, H, D), dtype=torch.float8_e4m3fn, device=first.device)
     return out, torch.empty((), dtype=torch.float32, device=first.device)
+
+
+# programs (and partial maxima per table) of rotary_table_maxima: each fused q/k program reads
+# them all, 2 x 128 floats from L2, instead of a second reduction kernel
+TABLE_PARTS = 128
+
+
+@triton.jit
+def _table_maxima_kernel(cos_ptr, sin_ptr, out_ptr, S, D, stride_cos, stride_sin, ROWS: tl.constexpr, D_PAD: tl.constexpr):
+    """Program p: max |cos| and max |sin| over its range of table rows, into out[0, p] and out[1, p]."""
+    part = tl.program_id(0)
+    parts = tl.num_programs(0)
+    per_part = tl.cdiv(S, parts)
+    start = part * per_part
+    end = tl.minimum(start + per_part, S)
+    cols = tl.arange(0, D_PAD)
+    top_cos = tl.zeros((ROWS, D_PAD), tl.float32)
+    top_sin = tl.zeros((ROWS, D_PAD), tl.float32)
+    for first_row in range(start, end, ROWS):
+        rows = first_row + tl.arange(0, ROWS)
+        mask = (rows < end)[:, None] & (cols < D)[None, :]
+        cos = tl.load(cos_ptr + rows[:, None] * stride_cos + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + rows[:, None] * stride_sin + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        top_cos = tl.maximum(top_cos, tl.abs(cos), propagate_nan=tl.PropagateNan.ALL)
+        top_sin = tl.maximum(top_sin, tl.abs(sin), propagate_nan=tl.PropagateNan.ALL)
+    tl.store(out_ptr + part, _nan_aware_max(tl.reshape(top_cos, (ROWS * D_PAD,))))
+    tl.store(out_ptr + parts + part, _nan_aware_max(tl.reshape(top_sin, (ROWS * D_PAD,))))
+
+
+@torch.library.custom_op("fp8_compile::rotary_table_maxima", mutates_args=())
+def rotary_table_maxima(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """[2, P] float32: partial maxima of |cos| (row 0) and |sin| (row 1) of two [S, D] tables with
+    a unit last stride, over P ranges of rows. An opaque op, like the fused kernel it feeds."""
+    out = _table_maxima_output(cos)
+    S, D = cos.shape
+    _table_maxima_kernel[(out.shape[1],)](cos, sin, out, S, D, cos.stride(0), sin.stride(0), ROWS=4, D_PAD=triton.next_power_of_2(D))
+    return out
+
+
+@rotary_table_maxima.register_fake
+def _(cos, sin):
+    return _table_maxima_output(cos)
+
+
+def _table_maxima_output(cos: torch.Tensor) -> torch.Tensor:
+    return torch.empty((2, max(1, min(TABLE_PARTS, cos.shape[0]))), dtype=torch.float32, device=cos.device)

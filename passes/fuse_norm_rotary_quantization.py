@@ -12,7 +12,10 @@ This pass matches, on the query and key of each FP8 attention call, diffusers' r
 
 (``torch.nn.RMSNorm`` over the head dim, ``use_real_unbind_dim=-1``, tables [S, D]) and replaces
 it by :func:`fp8_compile.attention.rms_norm_rotary_fp8`: one kernel that writes the FP8 operand and
-its scale. Other forms are left to Inductor, as they were.
+its scale. Where the tables are inputs (FLUX computes them once, outside the blocks), their bound
+max|cos| + max|sin| comes from one small kernel per graph, ``rotary_table_maxima``, whose partial
+maxima the fused kernels finish reducing (Inductor made three kernels of it in every block).
+Other forms are left to Inductor, as they were.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from fp8_compile import attention
+from fp8_compile import attention, ops
 from fp8_compile.passes.graph import (
     MUL_TARGETS,
     RMS_NORM_ARGUMENTS,
@@ -154,11 +157,18 @@ def match_rotary_norm(node) -> tuple[list, fx.Node, fx.Node] | None:
     return None
 
 
+def _measures(bound, table: fx.Node) -> bool:
+    """Whether a table's bound is its measured amax (the table is an input, not cos() of angles)."""
+    return isinstance(bound, fx.Node) and bound.target is ops.abs_max and bound.args == (table,)
+
+
 class FuseNormRotaryQuantization(GraphPass):
     def __call__(self, graph: Fp8Graph) -> None:
         fx_graph = graph.gm.graph
         calls = [n for n in fx_graph.nodes if n.op == "call_function" and n.target is attention.fp8_attention]
         fused = 0
+        # the tables' maxima, once per pair of tables (the query's and the key's, every block's of a graph)
+        self._table_maxima: dict[tuple[fx.Node, fx.Node], fx.Node] = {}
         for call in calls:
             query, key = call.args[0], call.args[1]
             smallest = min(example_value(query).numel(), example_value(key).numel())
@@ -185,7 +195,11 @@ class FuseNormRotaryQuantization(GraphPass):
         if None in table_bounds:
             return False
         with fx_graph.inserting_before(call):
-            if any(isinstance(b, fx.Node) for b in table_bounds):
+            if all(_measures(b, table) for b, table in zip(table_bounds, (cos, sin))):
+                if (cos, sin) not in self._table_maxima:
+                    self._table_maxima[cos, sin] = fx_graph.call_function(attention.rotary_table_maxima, (cos, sin))
+                rotary_bound = self._table_maxima[cos, sin]
+            elif any(isinstance(b, fx.Node) for b in table_bounds):
                 rotary_bound = fx_graph.call_function(torch.add, tuple(table_bounds))
             else:
                 rotary_bound = float(sum(table_bounds))

@@ -447,6 +447,16 @@ def test_fused_norm_rotary_quantization_is_the_unfused_ops_then_the_bound_scale(
     # the tables' bound reduced in the graph (a tensor, as under regional compile)
     q8_tensor_bound, _ = attention.rms_norm_rotary_fp8(text, image, w_text, w_image, 1e-6, 1e-6, cos, sin, torch.tensor(2.0))
     assert torch.equal(q8_tensor_bound.float(), q8.float())
+    # or as partial maxima, whose rows' maxima add up to the bound (the GPU's rotary_table_maxima)
+    partials = torch.tensor([[0.25, 1.0, 0.5], [1.0, 0.75, 0.0]])
+    q8_partials, _ = attention.rms_norm_rotary_fp8(text, image, w_text, w_image, 1e-6, 1e-6, cos, sin, partials)
+    assert torch.equal(q8_partials.float(), q8.float())
+
+
+def test_rotary_table_maxima_are_the_tables_amaxes():
+    cos, sin = _rotary_tables(64, 64)
+    maxima = attention.rotary_table_maxima(cos[None, :, None] * 0.5, -sin[None, :, None])
+    assert torch.equal(maxima.amax(-1), torch.stack([cos.abs().max() * 0.5, sin.abs().max()]))
 
 
 @pytest.mark.parametrize("name, fused, calls", [("flux", 8, 4), ("flux2_klein", 6, 3), ("wan", 0, 4), ("glm_image", 0, 2)])
@@ -552,6 +562,8 @@ def test_only_the_flux_form_is_fused(variant, fused):
     graph = traced_after_passes(model, inputs, FP8_ATTENTION)
     assert count(graph, attention.rms_norm_rotary_fp8) == fused
     assert count(graph, attention.fp8_attention) == 1
+    # the tables, inputs here as in a block compiled alone, are reduced once for the query and the key
+    assert count(graph, attention.rotary_table_maxima) == min(fused, 1)
     unfused = traced_after_passes(model, inputs, FP8_ATTENTION, passes=UNFUSED_PASSES)
     with torch.no_grad():
         out, reference = graph.gm(*graph.example_inputs)[0], unfused.gm(*unfused.example_inputs)[0]

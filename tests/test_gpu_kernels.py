@@ -79,8 +79,8 @@ def test_rms_norm_rotary_kernel_matches_the_reference(head_dim, two_parts, weigh
     tokens = sum(p.shape[1] for p in parts)
     angles = torch.rand(tokens, head_dim // 2, device="cuda") * 6
     cos, sin = (t.repeat_interleave(2, dim=-1)[None, :, None] for t in (angles.cos(), angles.sin()))
-    # the tables' bound as a tensor (reduced in the graph, as under regional compile) or a number
-    rotary_bound = torch.tensor(2.0, device="cuda") if two_parts else 2.0
+    # the tables' bound as partial maxima (measured, as under regional compile), a tensor or a number
+    rotary_bound = {128: attention.rotary_table_maxima(cos, sin), 64: 2.0, 80: torch.tensor(2.0, device="cuda")}[head_dim]
     args = [*parts, None][:2] + [*norm_weights, None][:2] + [eps, eps, cos, sin, rotary_bound]
     q8, scale = attention.rms_norm_rotary_fp8(*args)
     ref_q8, ref_scale = attention.rms_norm_rotary_fp8(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
@@ -97,6 +97,20 @@ def test_rms_norm_rotary_kernel_matches_the_reference(head_dim, two_parts, weigh
     assert rel_error(q8.cpu(), ref_q8) < 0.03
     kernel_error = rel_error(q8.cpu().double() * scale.item(), exact)
     assert kernel_error <= rel_error(ref_q8.double() * ref_scale.item(), exact)
+
+
+@pytest.mark.parametrize("tokens, head_dim", [(4608, 128), (77, 80), (3, 64)])
+def test_rotary_table_maxima_kernel(tokens, head_dim):
+    """Partial maxima whose rows' maxima are max|cos| and max|sin| exactly (tables of FLUX's
+    size, an odd one, fewer rows than partials; strided), and NaN where a table has one."""
+    torch.manual_seed(tokens)
+    cos, sin = (torch.randn(tokens, 2 * head_dim, device="cuda")[:, :head_dim] * scale for scale in (1.0, 3.0))
+    maxima = attention.rotary_table_maxima(cos[None, :, None], sin[None, :, None])
+    assert maxima.shape == (2, min(tokens, 128))
+    assert torch.equal(maxima.amax(-1).cpu(), torch.stack([cos.abs().max(), sin.abs().max()]).cpu())
+    sin[tokens // 2, head_dim - 1] = float("nan")
+    maxima = attention.rotary_table_maxima(cos, sin)
+    assert torch.isnan(maxima[1]).any() and not torch.isnan(maxima[0]).any()
 
 
 def test_only_reductions_that_write_fp8_are_forced_persistent():
