@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import fp8_compile
 import fp8_compile.inductor
 from fp8_compile.backend import FP8_PASSES
-from fp8_compile.passes import FuseNormRotaryQuantization, QuantizeAttention, RealRotaryEmbedding
+from fp8_compile.passes import FeedFp8AttentionOutput, FuseNormRotaryQuantization, QuantizeAttention, RealRotaryEmbedding
 from fp8_compile.zoo import DITS, Resolution, first_output
 
 ALL_PASSES = list(FP8_PASSES.passes)
@@ -121,8 +121,13 @@ def prepare(row: str, model: nn.Module) -> tuple[nn.Module, str]:
         fp8_compile.inductor.PERSISTENT_REDUCTION_LIMIT = 0 if "defaultred" in parts else 4096 if "p4k" in parts else 16384
         # "complexrope": without the pass that writes complex rotary embeddings in real arithmetic;
         # "amax": FP8 attention's Q and K scaled by their measured amax, not their norm's bound;
-        # "unfused": Q and K normalized, rotated and cast by Inductor's kernels, not the fused one
-        left_out = (RealRotaryEmbedding,) * ("complexrope" in parts) + (FuseNormRotaryQuantization,) * ("unfused" in parts)
+        # "unfused": Q and K normalized, rotated and cast by Inductor's kernels, not the fused one;
+        # "requant": the attention output dequantized and quantized again for the layer after it
+        left_out = (
+            (RealRotaryEmbedding,) * ("complexrope" in parts)
+            + (FuseNormRotaryQuantization,) * ("unfused" in parts)
+            + (FeedFp8AttentionOutput,) * ("requant" in parts)
+        )
         FP8_PASSES.passes = [
             QuantizeAttention(bound_operands="amax" not in parts) if isinstance(p, QuantizeAttention) else p
             for p in ALL_PASSES

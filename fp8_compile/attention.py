@@ -50,14 +50,37 @@ def fp8_attention(
     ``passes/magnitude_bound.py``), which scales the operand without measuring its amax.
     ``query_scale`` / ``key_scale``: the per-tensor scale of a query / key given already in FP8
     (by :func:`rms_norm_rotary_fp8`)."""
+    out8, out_scale = fp8_attention_quantized(query, key, value, scale, query_bound, key_bound, query_scale, key_scale)
+    return ops.dequantize(out8, out_scale, value.dtype)
+
+
+def fp8_attention_quantized(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float | None = None,
+    query_bound: torch.Tensor | float | None = None,
+    key_bound: torch.Tensor | float | None = None,
+    query_scale: torch.Tensor | None = None,
+    key_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fp8_attention` before its output is dequantized: the FP8 output [B, H, S, D] and
+    its float32 per-tensor scale (V's), for a layer that reads FP8 (``FeedFp8AttentionOutput``)."""
     if scale is None:  # SDPA's default
         scale = 1.0 / math.sqrt(query.shape[-1])
     q8, q_scale = _quantize(query, query_bound, query_scale)
     k8, k_scale = _quantize(key, key_bound, key_scale)
     v8, v_scale = _quantize(value, None, None)
     # the output's scale is V's (see above); its reciprocal fuses into V's quantization kernel
-    out8 = fp8_sdpa(q8, k8, v8, q_scale, k_scale, v_scale, v_scale.reciprocal(), scale)
-    return (out8.float() * v_scale).to(value.dtype)
+    return fp8_sdpa(q8, k8, v8, q_scale, k_scale, v_scale, v_scale.reciprocal(), scale), v_scale
+
+
+def output_as_activation(out8_2d: torch.Tensor, out_scale: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 attention output seen as a linear layer's [M, K] input, as ``quantize_activation``
+    would return it: (FP8 rows in row-major order, its scale: V's, repeated per row next to
+    per-row weight scales)."""
+    rows = out8_2d.contiguous()
+    return rows, out_scale if granularity == "per_tensor" else ops.repeat_per_row(out_scale, rows)
 
 
 def _quantize(

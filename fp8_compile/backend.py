@@ -30,6 +30,7 @@ from fp8_compile.hardware import device_of, select_lowering
 from fp8_compile.inductor import compile_graph as compile_with_inductor
 from fp8_compile.modules import ScaledLinear
 from fp8_compile.passes import (
+    FeedFp8AttentionOutput,
     FuseActivationQuantization,
     FuseNormRotaryQuantization,
     LINEAR_TARGETS,
@@ -59,6 +60,7 @@ FP8_PASSES = PassManager(
         LowerBlockScaledLinear(),  # quantize: block-FP8 layers -> group-quantize + block-scaled GEMM
         ShareActivationQuantization(),  # fuse: one quantization per activation read by several layers
         FuseActivationQuantization(),  # fuse: GELU / SiLU-gating (+ cat) and the quantization in one pass
+        FeedFp8AttentionOutput(),  # fuse: the layer after an FP8 attention reads its FP8 output
         LowerWeightOnly(),  # lower: weight-only layers -> dequantize + GEMM
     ]
 )

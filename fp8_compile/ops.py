@@ -95,10 +95,21 @@ def quantize_activation_static(x: torch.Tensor, input_scale: torch.Tensor) -> to
     return torch.where(x.isinf(), torch.nan, scaled).to(FP8_DTYPE)
 
 
+def repeat_per_row(scale: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+    """A per-tensor scale of the [M, K] activation ``x2d`` as the [M, 1] per-row scale that
+    ``_scaled_mm`` takes next to per-row weight scales (it accepts no mix of the two)."""
+    return scale.reshape(1, 1).expand(x2d.shape[0], 1).contiguous()
+
+
 def static_activation_scale(input_scale: torch.Tensor, x2d: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """The static scale of the [M, K] activation ``x2d`` as ``_scaled_mm`` takes it: one per
-    tensor next to a per-tensor weight scale, else one per row (it accepts no mix of the two)."""
-    return input_scale if weight_scale.numel() == 1 else input_scale.reshape(1, 1).expand(x2d.shape[0], 1).contiguous()
+    tensor next to a per-tensor weight scale, else one per row."""
+    return input_scale if weight_scale.numel() == 1 else repeat_per_row(input_scale, x2d)
+
+
+def dequantize(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FP8 ``t`` times its float32 ``scale`` (broadcast), in ``dtype``."""
+    return (t.float() * scale.float()).to(dtype)
 
 
 def apply_row_activation(x: torch.Tensor, gate: torch.Tensor | None, activation: str) -> torch.Tensor:
@@ -120,23 +131,31 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_rows(
-    x: torch.Tensor, gate: torch.Tensor | None, prefix: torch.Tensor | None, activation: str
+    x: torch.Tensor,
+    gate: torch.Tensor | None,
+    prefix: torch.Tensor | None,
+    activation: str,
+    prefix_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row FP8 quantization of ``cat([prefix, activation(x, gate)], -1)`` as [M, K] rows.
+    """Per-row FP8 quantization of ``cat([prefix, activation(x, gate)], -1)`` as [M, K] rows;
+    a ``prefix`` given in FP8 comes with its per-tensor ``prefix_scale``.
 
     The same numbers as :func:`quantize_activation` applied to that tensor, except that the
     activation's output is not rounded to the input dtype first. On an NVIDIA GPU it is one
     Triton kernel that reads each row once; elsewhere it is computed from its definition.
     """
+    if (prefix is not None and prefix.dtype == FP8_DTYPE) != (prefix_scale is not None):
+        raise ValueError("quantize_rows: a prefix in FP8 needs its prefix_scale, and only such a prefix takes one")
     rows = [_as_rows(t) if t is not None else None for t in (x, gate, prefix)]
     if x.is_cuda:
         from fp8_compile.triton_kernels import quantize_rows as quantize_rows_kernel
 
-        return quantize_rows_kernel(*rows, activation)
+        return quantize_rows_kernel(*rows, activation, prefix_scale)
     x2d, gate2d, prefix2d = rows
     y = apply_row_activation(x2d, gate2d, activation)
     if prefix2d is not None:
-        y = torch.cat([prefix2d.float(), y], dim=-1)
+        prefix2d = dequantize(prefix2d, prefix_scale, torch.float32) if prefix_scale is not None else prefix2d.float()
+        y = torch.cat([prefix2d, y], dim=-1)
     return quantize_activation(y, "per_row")
 
 
@@ -226,7 +245,7 @@ def weight_only_linear(
         else:
             out = weight_only_mm(x2d, weight_fp8, weight_scale, bias)
         return out.reshape(*x.shape[:-1], weight_fp8.shape[0])
-    return F.linear(x, (weight_fp8.float() * weight_scale.float()).to(x.dtype), bias)
+    return F.linear(x, dequantize(weight_fp8, weight_scale, x.dtype), bias)
 
 
 def chunk_rows(rows: int, columns: int, chunk_elements: int) -> int:

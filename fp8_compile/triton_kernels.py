@@ -220,16 +220,20 @@ def _activation_amax(x_ptr, gate_ptr, row, stride_x, stride_gate, K, cols, ACTIV
 )
 @triton.jit
 def _quantize_rows_kernel(
-    x_ptr, gate_ptr, prefix_ptr, out_ptr, scale_ptr, K, K_PREFIX,
+    x_ptr, gate_ptr, prefix_ptr, prefix_scale_ptr, out_ptr, scale_ptr, K, K_PREFIX,
     stride_x, stride_gate, stride_prefix, stride_out,
-    ACTIVATION: tl.constexpr, BLOCK: tl.constexpr,
+    ACTIVATION: tl.constexpr, PREFIX_SCALED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     row_amax = _activation_amax(x_ptr, gate_ptr, row, stride_x, stride_gate, K, cols, ACTIVATION, BLOCK)
+    # a prefix in FP8 (the attention output) is read as its FP8 values times its per-tensor scale
+    prefix_scale = 1.0
+    if PREFIX_SCALED:
+        prefix_scale = tl.load(prefix_scale_ptr)
     if K_PREFIX > 0:
         prefix_amax = _activation_amax(prefix_ptr, prefix_ptr, row, stride_prefix, 0, K_PREFIX, cols, 0, BLOCK)
-        row_amax = tl.maximum(row_amax, prefix_amax, propagate_nan=tl.PropagateNan.ALL)
+        row_amax = tl.maximum(row_amax, prefix_amax * prefix_scale, propagate_nan=tl.PropagateNan.ALL)
     # NaN propagates into the scale, and from it into the whole row of the GEMM output
     scale = tl.maximum(row_amax, 1e-12, propagate_nan=tl.PropagateNan.ALL) / 448.0
     tl.store(scale_ptr + row, scale)
@@ -237,10 +241,11 @@ def _quantize_rows_kernel(
     # arithmetic, and the two differ by an ulp of float32, far below e4m3's step
     inverse = 1.0 / scale
     out_row = out_ptr + row * stride_out
+    prefix_inverse = prefix_scale * inverse
     for k in range(0, K_PREFIX, BLOCK):
         c = k + cols
         v = _row_chunk(prefix_ptr, prefix_ptr, row, stride_prefix, 0, c, K_PREFIX, 0)
-        q = tl.clamp(v * inverse, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+        q = tl.clamp(v * prefix_inverse, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(out_row + c, q.to(tl.float8e4nv), mask=c < K_PREFIX)
     for k in range(0, K, BLOCK):
         c = k + cols
@@ -251,9 +256,14 @@ def _quantize_rows_kernel(
 
 @triton_op("fp8_compile::quantize_rows", mutates_args=())
 def quantize_rows(
-    x: torch.Tensor, gate: torch.Tensor | None, prefix: torch.Tensor | None, activation: str
+    x: torch.Tensor,
+    gate: torch.Tensor | None,
+    prefix: torch.Tensor | None,
+    activation: str,
+    prefix_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row FP8 quantization of ``cat([prefix, act(x[, gate])], -1)``; 2-D inputs with unit column stride."""
+    """Per-row FP8 quantization of ``cat([prefix (x prefix_scale), act(x[, gate])], -1)``; 2-D
+    inputs with unit column stride."""
     M, K = x.shape
     k_prefix = prefix.shape[1] if prefix is not None else 0
     out = torch.empty((M, k_prefix + K), dtype=torch.float8_e4m3fn, device=x.device)
@@ -261,9 +271,9 @@ def quantize_rows(
     gate_arg = gate if gate is not None else x
     prefix_arg = prefix if prefix is not None else x
     wrap_triton(_quantize_rows_kernel)[(M,)](
-        x, gate_arg, prefix_arg, out, scale, K, k_prefix,
+        x, gate_arg, prefix_arg, prefix_scale if prefix_scale is not None else scale, out, scale, K, k_prefix,
         x.stride(0), gate_arg.stride(0), prefix_arg.stride(0), out.stride(0),
-        ACTIVATION=ROW_ACTIVATIONS[activation],
+        ACTIVATION=ROW_ACTIVATIONS[activation], PREFIX_SCALED=prefix_scale is not None,
     )
     return out, scale
 

@@ -1,5 +1,6 @@
 """FP8 attention (option ``fp8_attention``): the op's CPU reference, the pass, the errors."""
 
+import copy
 import logging
 import math
 import sys
@@ -12,7 +13,7 @@ import fp8_compile
 from fp8_compile import attention, ops
 from fp8_compile.backend import FP8_PASSES
 from fp8_compile.config import Fp8Config
-from fp8_compile.passes import FuseNormRotaryQuantization, PassManager
+from fp8_compile.passes import FeedFp8AttentionOutput, FuseNormRotaryQuantization, PassManager
 
 from conftest import build, first_output, rel_error
 from test_passes import count, traced_after_passes
@@ -98,9 +99,10 @@ def test_flux_attention_runs_in_fp8_when_asked():
     model, inputs = build("flux")
     fp8_compile.quantize_(model)
     graph = traced_after_passes(model, inputs, config=FP8_ATTENTION)
-    assert count(graph, attention.fp8_attention) == 4 and count(graph, F.scaled_dot_product_attention) == 0
+    fp8_calls = count(graph, attention.fp8_attention) + count(graph, attention.fp8_attention_quantized)
+    assert fp8_calls == 4 and count(graph, F.scaled_dot_product_attention) == 0
     graph = traced_after_passes(model, inputs)
-    assert count(graph, attention.fp8_attention) == 0 and count(graph, F.scaled_dot_product_attention) == 4
+    assert count(graph, attention.fp8_attention_quantized) == 0 and count(graph, F.scaled_dot_product_attention) == 4
 
 
 @pytest.mark.parametrize("heads, norm_size, weight_spread", [(24, 128, 0.0), (40, 5120, 2.0)])
@@ -166,14 +168,17 @@ def bounds_seen(graph):
     """Run the traced graph, recording each FP8 attention call's (amax, bound) for Q and for K."""
     seen = []
 
-    def recording(q, k, v, scale=None, query_bound=None, key_bound=None):
-        for t, bound in ((q, query_bound), (k, key_bound)):
-            seen.append((t.abs().max().item(), None if bound is None else float(bound)))
-        return attention.fp8_attention(q, k, v, scale, query_bound, key_bound)
+    def recorded(call):
+        def recording(q, k, v, scale=None, query_bound=None, key_bound=None):
+            for t, bound in ((q, query_bound), (k, key_bound)):
+                seen.append((t.abs().max().item(), None if bound is None else float(bound)))
+            return call(q, k, v, scale, query_bound, key_bound)
+
+        return recording
 
     for node in graph.gm.graph.nodes:
-        if node.target is attention.fp8_attention:
-            node.target = recording
+        if node.target in (attention.fp8_attention, attention.fp8_attention_quantized):
+            node.target = recorded(node.target)
     graph.gm.recompile()
     with torch.no_grad():
         graph.gm(*graph.example_inputs)
@@ -603,3 +608,69 @@ def test_parts_with_and_without_a_norm_weight_are_not_fused():
     cos, sin = _rotary_tables(10, 64)
     with pytest.raises(ValueError, match="both parts a norm weight or neither"):
         attention.rms_norm_rotary_fp8(text, image, None, torch.ones(64), 1e-6, 1e-6, cos, sin, 2.0)
+
+
+WITHOUT_FEED = PassManager([p for p in FP8_PASSES.passes if not isinstance(p, FeedFp8AttentionOutput)])
+
+
+@pytest.mark.parametrize("name, fed_layers, fed_prefixes", [("flux", 4, 2), ("wan", 4, 0)])
+def test_the_layer_after_fp8_attention_reads_its_fp8_output(name, fed_layers, fed_prefixes, caplog):
+    """FLUX's to_out / to_add_out and Wan's to_out take the attention's FP8 output with V's scale
+    (through FLUX's split into text and image, Wan's type_as), FLUX's single blocks quantize it
+    as an FP8 prefix of [attention, MLP]: no dequantize and requantize. The output really changes,
+    and stays as close to the float32 model as with the requantization (one rounding fewer; the
+    two differ by ~1% of the error, measured 0.0506 / 0.0501 FLUX, 0.0357 / 0.0355 Wan)."""
+    model, inputs = build(name, dtype=torch.float32)
+    original = copy.deepcopy(model)
+    fp8_compile.quantize_(model)
+    with caplog.at_level(logging.INFO, logger="fp8_compile"):
+        fed = traced_after_passes(model, inputs, FP8_ATTENTION)
+    assert any("4 of 4 FP8 attention outputs read in FP8" in r.getMessage() for r in caplog.records)
+    assert count(fed, attention.output_as_activation) == fed_layers
+    prefixed = [n for n in fed.gm.graph.nodes if n.target is ops.quantize_rows and "prefix_scale" in n.kwargs]
+    assert len(prefixed) == fed_prefixes
+    requantized = traced_after_passes(model, inputs, FP8_ATTENTION, passes=WITHOUT_FEED)
+    with torch.no_grad():
+        expected = first_output(original(**inputs))
+        out_fed = fed.gm(*fed.example_inputs)[0]
+        out_requantized = requantized.gm(*requantized.example_inputs)[0]
+    assert rel_error(out_fed, out_requantized) > 1e-3
+    assert rel_error(out_fed, expected) < 1.03 * rel_error(out_requantized, expected)
+
+
+class AttentionThenLayers(torch.nn.Module):
+    """Attention whose output reaches a linear layer in the ways given, and a residual."""
+
+    def __init__(self, reader, dim=64):
+        super().__init__()
+        self.reader = reader
+        self.out = torch.nn.Linear(dim, dim)
+        self.gate = torch.nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, q, k, v):
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        if self.reader == "gated":  # an element-wise op before the layer: not a regrouping
+            return self.out(out * self.gate)
+        if self.reader == "reinterpreted":  # bits viewed as another dtype: not the same values in FP8
+            return self.out(out.view(torch.int32).view(out.dtype))
+        if self.reader == "gathered":  # a gather by an index tensor
+            return self.out(out[:, torch.arange(out.shape[1] - 1, -1, -1)])
+        return self.out(out) + out  # "residual": the layer reads FP8, the residual BF16
+
+
+@pytest.mark.parametrize("reader, fed", [("residual", 1), ("gated", 0), ("reinterpreted", 0), ("gathered", 0)])
+def test_only_regroupings_of_the_attention_output_are_read_in_fp8(reader, fed):
+    """What is not a plain regrouping of the attention output keeps its requantization; a
+    residual next to the fed layer reads the output dequantized. Either way the numbers are the
+    graph's without the pass, up to the requantization's rounding."""
+    torch.manual_seed(0)
+    model = AttentionThenLayers(reader)
+    fp8_compile.quantize_(model)
+    q, k, v = (torch.randn(1, 2, 48, 32) for _ in range(3))
+    inputs = {"q": q, "k": k, "v": v}
+    graph = traced_after_passes(model, inputs, FP8_ATTENTION)
+    assert count(graph, attention.output_as_activation) == fed
+    requantized = traced_after_passes(model, inputs, FP8_ATTENTION, passes=WITHOUT_FEED)
+    with torch.no_grad():
+        out, expected = (g.gm(*g.example_inputs)[0] for g in (graph, requantized))
+    assert (rel_error(out, expected) > 0) == bool(fed) and rel_error(out, expected) < 2**-5

@@ -63,6 +63,21 @@ def test_quantize_rows_kernel_matches_the_reference(activation, k, k_prefix):
     torch.testing.assert_close(scale.cpu(), ref_scale, rtol=1e-5, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("k, k_prefix", [(12288, 3072), (1000, 24)])
+def test_quantize_rows_kernel_reads_an_fp8_prefix_with_its_scale(k, k_prefix):
+    """FLUX's single-block rows [attention output in FP8 with V's scale, GELU(MLP)]: the kernel
+    against the CPU reference. The prefix's values are up to 100x the MLP's, so a kernel that
+    dropped the scale (1/448 of their amax) would get every row's scale wrong."""
+    torch.manual_seed(k)
+    x = torch.randn(37, k, device="cuda", dtype=torch.bfloat16) * 3
+    prefix8, prefix_scale = ops.quantize_activation(torch.randn(37, k_prefix, device="cuda") * 300, "per_tensor")
+    q, scale = ops.quantize_rows(x, None, prefix8, "gelu_tanh", prefix_scale)
+    ref_q, ref_scale = ops.quantize_rows(x.cpu(), None, prefix8.cpu(), "gelu_tanh", prefix_scale.cpu())
+    assert torch.allclose(scale.cpu(), ref_scale, rtol=1e-5)
+    ratio = (q.cpu().float() - ref_q.float()).abs() / ref_q.float().abs().clamp_min(2.0**-6)
+    assert (ratio <= 2.0**-3 + 1e-6).all() and (ratio > 0).float().mean() < 1e-3
+
+
 @pytest.mark.parametrize("head_dim, two_parts, weights", [(128, True, True), (64, False, True), (80, True, False)])
 def test_rms_norm_rotary_kernel_matches_the_reference(head_dim, two_parts, weights):
     """The fused q/k kernel against exact (float64) math, on strided inputs, batch 2, a head dim

@@ -199,3 +199,19 @@ def test_quantize_rows_is_the_activation_then_per_row_quantization(activation, w
     ref_q, ref_scale = ops.quantize_activation(y, "per_row")
     assert q.shape == (10, 80 if with_prefix else 48) and scale.shape == (10, 1)
     assert torch.equal(q.float(), ref_q.float()) and torch.equal(scale, ref_scale)
+
+
+def test_quantize_rows_reads_an_fp8_prefix_times_its_scale():
+    """A prefix in FP8 (the attention output, with V's per-tensor scale) counts as its values
+    times the scale: the same rows as the dequantized prefix in float32, and the scale is not
+    optional (nor taken for a prefix that is not FP8)."""
+    torch.manual_seed(0)
+    x = torch.randn(10, 48, dtype=torch.bfloat16) * 4
+    prefix8, prefix_scale = ops.quantize_activation(torch.randn(10, 32) * 100, "per_tensor")
+    q, scale = ops.quantize_rows(x, None, prefix8, "gelu_tanh", prefix_scale)
+    ref_q, ref_scale = ops.quantize_rows(x, None, ops.dequantize(prefix8, prefix_scale, torch.float32), "gelu_tanh")
+    assert torch.equal(q.float(), ref_q.float()) and torch.equal(scale, ref_scale)
+    with pytest.raises(ValueError, match="prefix_scale"):
+        ops.quantize_rows(x, None, prefix8, "gelu_tanh")
+    with pytest.raises(ValueError, match="prefix_scale"):
+        ops.quantize_rows(x, None, prefix8.float(), "gelu_tanh", prefix_scale)
