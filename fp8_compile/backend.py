@@ -33,6 +33,7 @@ from fp8_compile.passes import (
     FeedFp8AttentionOutput,
     FuseActivationQuantization,
     FuseNormRotaryQuantization,
+    FuseSiluIntoWeightOnly,
     LINEAR_TARGETS,
     Fp8Graph,
     LayerKind,
@@ -62,6 +63,7 @@ FP8_PASSES = PassManager(
         FuseActivationQuantization(),  # fuse: GELU / SiLU-gating (+ cat) and the quantization in one pass
         FeedFp8AttentionOutput(),  # fuse: the layer after an FP8 attention reads its FP8 output
         LowerWeightOnly(),  # lower: weight-only layers -> dequantize + GEMM
+        FuseSiluIntoWeightOnly(),  # fuse: the SiLU of a weight-only GEMM's input into its kernel
     ]
 )
 

@@ -223,9 +223,15 @@ CHUNK_ROW_MULTIPLE = 256  # a slice's rows: a multiple of cuBLAS's widest tile
 
 
 def weight_only_linear(
-    x: torch.Tensor, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    weight_fp8: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    input_silu: bool = False,
 ) -> torch.Tensor:
-    """``F.linear`` with an FP8 weight dequantized to the activation's dtype (W8A16).
+    """``F.linear`` with an FP8 weight dequantized to the activation's dtype (W8A16), of
+    ``silu(x)`` with ``input_silu`` (the AdaLN modulation layers' input, computed where the GEMM
+    loads it).
 
     On an NVIDIA GPU: few rows (memory-bound) run a Triton GEMM that dequantizes each weight
     tile as it loads it; many rows (compute-bound) run cuBLAS on weight slices dequantized one
@@ -236,6 +242,7 @@ def weight_only_linear(
 
         x2d = x.reshape(-1, x.shape[-1])
         if x2d.shape[0] >= DEQUANTIZED_GEMM_MIN_ROWS:
+            x2d = F.silu(x2d) if input_silu else x2d
             out = torch.ops.fp8_compile.dequantized_chunks_mm(x2d, weight_fp8, weight_scale)
             # Added outside the op, where Inductor fuses it into the next element-wise kernel:
             # cuBLAS's bias epilogue needs a contiguous output, which a slice's columns are not
@@ -243,9 +250,9 @@ def weight_only_linear(
             if bias is not None:
                 out = out + bias
         else:
-            out = weight_only_mm(x2d, weight_fp8, weight_scale, bias)
+            out = weight_only_mm(x2d, weight_fp8, weight_scale, bias, input_silu)
         return out.reshape(*x.shape[:-1], weight_fp8.shape[0])
-    return F.linear(x, dequantize(weight_fp8, weight_scale, x.dtype), bias)
+    return F.linear(F.silu(x) if input_silu else x, dequantize(weight_fp8, weight_scale, x.dtype), bias)
 
 
 def chunk_rows(rows: int, columns: int, chunk_elements: int) -> int:

@@ -41,7 +41,7 @@ GEMV_MAX_ROWS = 8
 def _weight_only_gemv_kernel(
     x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K,
     stride_xm, stride_wn, stride_om,
-    HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, INPUT_SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -51,6 +51,8 @@ def _weight_only_gemv_kernel(
     for k in range(0, K, BLOCK_K):
         ks = k + offs_k
         x = tl.load(x_ptr + m * stride_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
+        if INPUT_SILU:  # silu(0) = 0: the masked tail stays 0
+            x = x * tl.sigmoid(x)
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + ks[None, :], mask=(offs_n[:, None] < N) & (ks[None, :] < K), other=0.0)
         acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     if ROW_SCALE:
@@ -87,7 +89,7 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 def _weight_only_mm_kernel(
     x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K,
     stride_xm, stride_wn, stride_om,
-    HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ROW_SCALE: tl.constexpr, INPUT_SILU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # The product is computed transposed, out^T = W x^T: the converted weight tile is the left
@@ -104,6 +106,9 @@ def _weight_only_mm_kernel(
         ks = k + offs_k
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + ks[None, :], mask=(offs_n[:, None] < N) & (ks[None, :] < K), other=0.0)
         x = tl.load(x_ptr + offs_m[None, :] * stride_xm + ks[:, None], mask=(offs_m[None, :] < M) & (ks[:, None] < K), other=0.0)
+        if INPUT_SILU:
+            x_float = x.to(tl.float32)
+            x = (x_float * tl.sigmoid(x_float)).to(x.dtype)
         acc = tl.dot(w.to(x.dtype), x, acc)
     if ROW_SCALE:
         acc *= tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0)[:, None]
@@ -117,16 +122,17 @@ def _weight_only_mm_kernel(
 
 @triton_op("fp8_compile::weight_only_mm", mutates_args=())
 def weight_only_mm(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, input_silu: bool = False
 ) -> torch.Tensor:
-    """[M, K] activation x [N, K] FP8 weight^T, scaled per output channel or per tensor, plus bias."""
+    """[M, K] activation (``silu`` of it with ``input_silu``) x [N, K] FP8 weight^T, scaled per
+    output channel or per tensor, plus bias."""
     x = x.contiguous()
     M, K = x.shape
     N = weight.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     scale = weight_scale.reshape(-1)
     args = (x, weight, scale, bias if bias is not None else scale, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0))
-    flags = dict(HAS_BIAS=bias is not None, ROW_SCALE=scale.numel() > 1)
+    flags = dict(HAS_BIAS=bias is not None, ROW_SCALE=scale.numel() > 1, INPUT_SILU=input_silu)
     if M <= GEMV_MAX_ROWS:
         wrap_triton(_weight_only_gemv_kernel)[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)](*args, **flags)
     else:

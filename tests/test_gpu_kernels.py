@@ -38,6 +38,20 @@ def test_weight_only_matches_float64(m, n, k, granularity, monkeypatch):
         assert ((out.double() - ref).norm(dim=0) / ref.norm(dim=0)).max().item() < 2**-7
 
 
+@pytest.mark.parametrize("m", [1, 64, 1100])  # the GEMV, the Triton GEMM, cuBLAS on slices
+def test_weight_only_computes_its_inputs_silu(m):
+    """linear(silu(x)) with the SiLU in the kernel (the AdaLN modulation layers): against float64
+    math on the same FP8 weight; the kernels keep SiLU's output in float32 (GEMV) or round it to
+    bf16 as the model does (GEMMs), within the bf16 bound of the test above."""
+    torch.manual_seed(m)
+    x = torch.randn(m, 3072, device="cuda", dtype=torch.bfloat16) * 3
+    wq, scale = ops.quantize_weight(torch.randn(9216, 3072, device="cuda", dtype=torch.bfloat16), "per_row")
+    bias = torch.randn(9216, device="cuda", dtype=torch.bfloat16)
+    out = ops.weight_only_linear(x, wq, scale, bias, input_silu=True)
+    ref = F.silu(x.double()) @ (wq.double() * scale.double()).T + bias.double()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 2**-7
+
+
 @pytest.mark.parametrize("activation", ["none", "gelu_tanh", "gelu", "silu_mul"])
 @pytest.mark.parametrize("k, k_prefix", [(3072, 0), (12288, 3072), (1000, 24)])
 def test_quantize_rows_kernel_matches_the_reference(activation, k, k_prefix):

@@ -7,7 +7,7 @@ import fp8_compile
 from fp8_compile import Decision, ops
 from fp8_compile.backend import FP8_PASSES
 from fp8_compile.config import Fp8Config
-from fp8_compile.passes import Fp8Graph, Lowering, MatchLinearLayers
+from fp8_compile.passes import Fp8Graph, FuseSiluIntoWeightOnly, Lowering, MatchLinearLayers, PassManager
 from fp8_compile.passes.real_rotary import rotate_pairs
 
 from conftest import build, first_output, rel_error
@@ -164,3 +164,35 @@ def test_in_place_operations_survive_the_passes():
     graph = traced_after_passes(model, {"x": x})
     with torch.no_grad():
         assert rel_error(graph.gm(*graph.example_inputs)[0], expected) < 0.1
+
+
+class SiluThenLinear(torch.nn.Module):
+    def __init__(self, in_place=False):
+        super().__init__()
+        self.in_place = in_place
+        self.linear = torch.nn.Linear(64, 384)
+
+    def forward(self, temb):
+        return self.linear(torch.nn.functional.silu(temb, inplace=self.in_place))
+
+
+def test_the_modulation_gemvs_compute_their_inputs_silu():
+    """FLUX's AdaLN layers (norm1 and norm1_context of 2 double blocks, norm of 2 single blocks)
+    and the second layer of its 3 embedders read silu(x): their weight-only GEMMs compute it (9
+    of the 13 weight-only layers); the numbers are the graph's without the fusion on the CPU,
+    where the op applies torch's silu first. A SiLU written in place is left alone (its input
+    is overwritten)."""
+    model, inputs = build("flux")
+    fp8_compile.quantize_(model)
+    graph = traced_after_passes(model, inputs)
+    fused = [layer.name for layer in graph.layers if layer.node.kwargs.get("input_silu")]
+    assert len(fused) == 9 and sum(".norm1.linear" in n or ".norm.linear" in n for n in fused) == 4
+    # one SiLU stays: norm_out casts silu(temb) to the input's dtype before its linear
+    assert count(graph, torch.nn.functional.silu) == 1
+    unfused = traced_after_passes(model, inputs, passes=PassManager([p for p in FP8_PASSES.passes if not isinstance(p, FuseSiluIntoWeightOnly)]))
+    with torch.no_grad():
+        assert torch.equal(graph.gm(*graph.example_inputs)[0], unfused.gm(*unfused.example_inputs)[0])
+    in_place = SiluThenLinear(in_place=True)
+    fp8_compile.quantize_(in_place, {"lowering": "weight_only"})
+    graph = traced_after_passes(in_place, {"temb": torch.randn(1, 64)}, lowering=Lowering.WEIGHT_ONLY)
+    assert [layer.node.kwargs.get("input_silu", False) for layer in graph.layers] == [False]
