@@ -194,6 +194,11 @@ def _nan_aware_max(v):
 
 
 @triton.jit
+def _nan_aware_max_2d(v):
+    return tl.where(tl.sum(tl.sum((v != v).to(tl.int32), 1), 0) > 0, float("nan"), tl.max(tl.max(v, 1), 0))
+
+
+@triton.jit
 def _activation_amax(x_ptr, gate_ptr, row, stride_x, stride_gate, K, cols, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
     """max |activation(x)| over one row, NaN if any element is NaN."""
     top = 0.0
@@ -401,7 +406,9 @@ def rms_norm_rotary_fp8(
 
     An opaque op, not a ``triton_op``: Inductor's analysis of which arguments a Triton kernel
     writes gives up on this one (its pair split and join), assumes every input is written, and
-    then copies Q or K twice and the rotary tables back after each call."""
+    then copies Q or K twice and the rotary tables back after each call. The price is host time:
+    ~200 us per call on an H100's host (23 ms of a FLUX forward); two triton_op variants without
+    split / join cost more GPU time than that saves (BENCHMARKS.md, ninth session)."""
     out, scale = _rms_norm_rotary_outputs(first, second)
     B, S, H, D = out.shape
     other = second if second is not None else first
@@ -459,24 +466,15 @@ def _table_maxima_kernel(cos_ptr, sin_ptr, out_ptr, S, D, stride_cos, stride_sin
         sin = tl.load(sin_ptr + rows[:, None] * stride_sin + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         top_cos = tl.maximum(top_cos, tl.abs(cos), propagate_nan=tl.PropagateNan.ALL)
         top_sin = tl.maximum(top_sin, tl.abs(sin), propagate_nan=tl.PropagateNan.ALL)
-    tl.store(out_ptr + part, _nan_aware_max(tl.reshape(top_cos, (ROWS * D_PAD,))))
-    tl.store(out_ptr + parts + part, _nan_aware_max(tl.reshape(top_sin, (ROWS * D_PAD,))))
+    tl.store(out_ptr + part, _nan_aware_max_2d(top_cos))
+    tl.store(out_ptr + parts + part, _nan_aware_max_2d(top_sin))
 
 
-@torch.library.custom_op("fp8_compile::rotary_table_maxima", mutates_args=())
+@triton_op("fp8_compile::rotary_table_maxima", mutates_args=())
 def rotary_table_maxima(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """[2, P] float32: partial maxima of |cos| (row 0) and |sin| (row 1) of two [S, D] tables with
-    a unit last stride, over P ranges of rows. An opaque op, like the fused kernel it feeds."""
-    out = _table_maxima_output(cos)
+    a unit last stride, over P ranges of rows."""
     S, D = cos.shape
-    _table_maxima_kernel[(out.shape[1],)](cos, sin, out, S, D, cos.stride(0), sin.stride(0), ROWS=4, D_PAD=triton.next_power_of_2(D))
+    out = torch.empty((2, max(1, min(TABLE_PARTS, S))), dtype=torch.float32, device=cos.device)
+    wrap_triton(_table_maxima_kernel)[(out.shape[1],)](cos, sin, out, S, D, cos.stride(0), sin.stride(0), ROWS=4, D_PAD=triton.next_power_of_2(D))
     return out
-
-
-@rotary_table_maxima.register_fake
-def _(cos, sin):
-    return _table_maxima_output(cos)
-
-
-def _table_maxima_output(cos: torch.Tensor) -> torch.Tensor:
-    return torch.empty((2, max(1, min(TABLE_PARTS, cos.shape[0]))), dtype=torch.float32, device=cos.device)

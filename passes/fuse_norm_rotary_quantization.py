@@ -157,9 +157,14 @@ def match_rotary_norm(node) -> tuple[list, fx.Node, fx.Node] | None:
     return None
 
 
-def _measures(bound, table: fx.Node) -> bool:
-    """Whether a table's bound is its measured amax (the table is an input, not cos() of angles)."""
-    return isinstance(bound, fx.Node) and bound.target is ops.abs_max and bound.args == (table,)
+def _measured_tables(bounds: list) -> tuple[fx.Node, fx.Node] | None:
+    """The tensors whose amaxes bound the cos and sin tables (the tables themselves or the inputs
+    they are views of), where both are measured and of one shape: rotary_table_maxima's input."""
+    measured = [b.args[0] if isinstance(b, fx.Node) and b.target is ops.abs_max else None for b in bounds]
+    shapes = {_shape(m) for m in measured}
+    if None in measured or len(shapes) != 1 or len(shapes.pop()) == 0:
+        return None
+    return measured[0], measured[1]
 
 
 class FuseNormRotaryQuantization(GraphPass):
@@ -195,10 +200,11 @@ class FuseNormRotaryQuantization(GraphPass):
         if None in table_bounds:
             return False
         with fx_graph.inserting_before(call):
-            if all(_measures(b, table) for b, table in zip(table_bounds, (cos, sin))):
-                if (cos, sin) not in self._table_maxima:
-                    self._table_maxima[cos, sin] = fx_graph.call_function(attention.rotary_table_maxima, (cos, sin))
-                rotary_bound = self._table_maxima[cos, sin]
+            tables = _measured_tables(table_bounds)
+            if tables is not None:
+                if tables not in self._table_maxima:
+                    self._table_maxima[tables] = fx_graph.call_function(attention.rotary_table_maxima, tables)
+                rotary_bound = self._table_maxima[tables]
             elif any(isinstance(b, fx.Node) for b in table_bounds):
                 rotary_bound = fx_graph.call_function(torch.add, tuple(table_bounds))
             else:

@@ -674,3 +674,26 @@ def test_only_regroupings_of_the_attention_output_are_read_in_fp8(reader, fed):
     with torch.no_grad():
         out, expected = (g.gm(*g.example_inputs)[0] for g in (graph, requantized))
     assert (rel_error(out, expected) > 0) == bool(fed) and rel_error(out, expected) < 2**-5
+
+
+def test_a_flux_block_compiled_alone_reduces_its_rotary_tables_once():
+    """Under regional compile FLUX's blocks take the rotary tables as inputs (viewed as [1, S, 1, D]
+    inside): one rotary_table_maxima for the query and the key of each block, and no other
+    reduction of the tables. (Blocks of 8 heads: the tables must be far smaller than Q and K to
+    be reduced for a bound, as FLUX.1's 24 heads make them.)"""
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    torch.manual_seed(0)
+    text, image, dim = 16, 64, 128
+    cos, sin = _rotary_tables(text + image, 16)
+    inputs = {
+        "hidden_states": torch.randn(1, image, dim), "encoder_hidden_states": torch.randn(1, text, dim),
+        "temb": torch.randn(1, dim), "image_rotary_emb": (cos, sin),
+    }  # fmt: skip
+    for block in (FluxTransformerBlock(dim, 8, 16), FluxSingleTransformerBlock(dim, 8, 16)):
+        fp8_compile.quantize_(block)
+        graph = traced_after_passes(block, inputs, FP8_ATTENTION)
+        name = type(block).__name__
+        assert count(graph, attention.rms_norm_rotary_fp8) == 2, name
+        assert count(graph, attention.rotary_table_maxima) == 1 and count(graph, ops.abs_max) == 0, name
+        torch._dynamo.reset()

@@ -142,6 +142,37 @@ def test_rotary_table_maxima_kernel(tokens, head_dim):
     assert torch.isnan(maxima[1]).any() and not torch.isnan(maxima[0]).any()
 
 
+def test_inductor_sees_what_the_table_maxima_kernel_writes():
+    """The rotary tables' maxima kernel is a triton_op that Inductor launches itself; its analysis
+    of what the kernel writes must succeed (where it fails, as torch 2.11's did on the fused q/k
+    kernel's split and join, Inductor assumes every input written and copies the tables each
+    call). Compiled, the query (fused op fed by the maxima) is the eager one."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("torch._higher_order_ops.triton_kernel_wrap")
+    logger.addHandler(handler)
+    torch.manual_seed(0)
+    text, image = (torch.randn(1, t, 24, 128, device="cuda", dtype=torch.bfloat16) for t in (32, 96))
+    weights = [torch.rand(128, device="cuda", dtype=torch.bfloat16) + 0.5 for _ in range(2)]
+    angles = torch.rand(128, 64, device="cuda") * 6
+    cos, sin = (t.repeat_interleave(2, dim=-1)[None, :, None] for t in (angles.cos(), angles.sin()))
+
+    def query(text, image, cos, sin):
+        return attention.rms_norm_rotary_fp8(text, image, *weights, 1e-6, 1e-6, cos, sin, attention.rotary_table_maxima(cos, sin))
+
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(query, fullgraph=True)(text, image, cos, sin)
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "assuming every input is mutated" in r.getMessage()]
+    eager = query(text, image, cos, sin)
+    assert torch.equal(compiled[0].float(), eager[0].float()) and torch.equal(compiled[1], eager[1])
+
+
 def test_only_reductions_that_write_fp8_are_forced_persistent():
     """Rows of 5120 (Wan2.2's width): the norm + quantize kernel keeps the row on chip (one
     pass); a norm that writes BF16 keeps Inductor's choice (forced persistent, Wan2.2's q/k
