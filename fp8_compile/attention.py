@@ -34,23 +34,10 @@ MIN_CAPABILITY = (9, 0)  # cuDNN runs FP8 attention on Hopper and newer
 INSTALL_HINT = "pip install 'fp8-compile[fp8-attention]' (NVIDIA's nvidia-cudnn-frontend)"
 
 
-def fp8_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    scale: float | None = None,
-    query_bound: torch.Tensor | float | None = None,
-    key_bound: torch.Tensor | float | None = None,
-    query_scale: torch.Tensor | None = None,
-    key_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``scaled_dot_product_attention(query, key, value, scale=scale)`` with FP8 operands.
-
-    ``query_bound`` / ``key_bound``: a number no element's magnitude exceeds (from the graph, see
-    ``passes/magnitude_bound.py``), which scales the operand without measuring its amax.
-    ``query_scale`` / ``key_scale``: the per-tensor scale of a query / key given already in FP8
-    (by :func:`rms_norm_rotary_fp8`)."""
-    out8, out_scale = fp8_attention_quantized(query, key, value, scale, query_bound, key_bound, query_scale, key_scale)
+def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``scaled_dot_product_attention(query, key, value, scale=scale)`` with FP8 operands: the
+    output of :func:`fp8_attention_quantized` (same arguments) dequantized to V's dtype."""
+    out8, out_scale = fp8_attention_quantized(query, key, value, *args, **kwargs)
     return ops.dequantize(out8, out_scale, value.dtype)
 
 
@@ -64,8 +51,13 @@ def fp8_attention_quantized(
     query_scale: torch.Tensor | None = None,
     key_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`fp8_attention` before its output is dequantized: the FP8 output [B, H, S, D] and
-    its float32 per-tensor scale (V's), for a layer that reads FP8 (``FeedFp8AttentionOutput``)."""
+    """Attention with FP8 operands: its FP8 output [B, H, S, D] and the output's float32
+    per-tensor scale (V's), which a layer that reads FP8 takes as it is (``FeedFp8AttentionOutput``).
+
+    ``query_bound`` / ``key_bound``: a number no element's magnitude exceeds (from the graph, see
+    ``passes/magnitude_bound.py``), which scales the operand without measuring its amax.
+    ``query_scale`` / ``key_scale``: the per-tensor scale of a query / key given already in FP8
+    (by :func:`rms_norm_rotary_fp8`)."""
     if scale is None:  # SDPA's default
         scale = 1.0 / math.sqrt(query.shape[-1])
     q8, q_scale = _quantize(query, query_bound, query_scale)
