@@ -613,20 +613,25 @@ def test_parts_with_and_without_a_norm_weight_are_not_fused():
 WITHOUT_FEED = PassManager([p for p in FP8_PASSES.passes if not isinstance(p, FeedFp8AttentionOutput)])
 
 
-@pytest.mark.parametrize("name, fed_layers, fed_prefixes", [("flux", 4, 2), ("wan", 4, 0)])
-def test_the_layer_after_fp8_attention_reads_its_fp8_output(name, fed_layers, fed_prefixes, caplog):
+@pytest.mark.parametrize(
+    "name, granularity, fed_calls, fed_layers, fed_prefixes",
+    [("flux", "per_row", 4, 4, 2), ("wan", "per_row", 4, 4, 0), ("flux", "per_tensor", 2, 4, 0)],
+)
+def test_the_layer_after_fp8_attention_reads_its_fp8_output(name, granularity, fed_calls, fed_layers, fed_prefixes, caplog):
     """FLUX's to_out / to_add_out and Wan's to_out take the attention's FP8 output with V's scale
-    (through FLUX's split into text and image, Wan's type_as), FLUX's single blocks quantize it
-    as an FP8 prefix of [attention, MLP]: no dequantize and requantize. The output really changes,
-    and stays as close to the float32 model as with the requantization (one rounding fewer; the
-    two differ by ~1% of the error, measured 0.0506 / 0.0501 FLUX, 0.0357 / 0.0355 Wan)."""
+    (through FLUX's split into text and image, Wan's type_as; per tensor, V's scale as it is),
+    FLUX's single blocks quantize it as an FP8 prefix of [attention, MLP] (per row only: per
+    tensor, their concatenation is quantized by Inductor). No dequantize and requantize. The
+    output really changes, and stays as close to the float32 model as with the requantization
+    (one rounding fewer; the two differ by ~1% of the error, measured 0.0506 / 0.0501 FLUX,
+    0.0357 / 0.0355 Wan, 0.0521 / 0.0521 FLUX per tensor)."""
     model, inputs = build(name, dtype=torch.float32)
     original = copy.deepcopy(model)
-    fp8_compile.quantize_(model)
+    fp8_compile.quantize_(model, {"granularity": granularity})
     with caplog.at_level(logging.INFO, logger="fp8_compile"):
         fed = traced_after_passes(model, inputs, FP8_ATTENTION)
-    assert any("4 of 4 FP8 attention outputs read in FP8" in r.getMessage() for r in caplog.records)
-    assert count(fed, attention.output_as_activation) == fed_layers
+    assert any(f"{fed_calls} of 4 FP8 attention outputs read in FP8" in r.getMessage() for r in caplog.records)
+    assert [n.args[2] for n in fed.gm.graph.nodes if n.target is attention.output_as_activation] == [granularity] * fed_layers
     prefixed = [n for n in fed.gm.graph.nodes if n.target is ops.quantize_rows and "prefix_scale" in n.kwargs]
     assert len(prefixed) == fed_prefixes
     requantized = traced_after_passes(model, inputs, FP8_ATTENTION, passes=WITHOUT_FEED)
