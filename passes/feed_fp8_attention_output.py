@@ -35,7 +35,7 @@ _LAYOUT_FUNCTIONS = {
     torch.squeeze,
 }  # fmt: skip
 # casts between floating-point dtypes: the FP8 values are the ones the cast would have rounded
-_CASTS = {"to", "float", "bfloat16", "half"}
+_CAST_METHODS = {"float", "bfloat16", "half"}  # x.float(): no argument
 
 
 def _index_keeps_values(index) -> bool:
@@ -48,7 +48,9 @@ def _regroups(node: fx.Node) -> bool:
     """Whether ``node`` reads its first argument's elements and only regroups or casts them."""
     if node.op == "call_method" and node.target == "type_as":  # Wan: out.type_as(query)
         return len(node.args) == 2 and _is_floating(example_value(node.args[1]))
-    if node.op == "call_method" and node.target in _CASTS:
+    if node.op == "call_method" and node.target in _CAST_METHODS:
+        return len(node.args) == 1 and not node.kwargs
+    if node.op == "call_method" and node.target == "to":
         dtypes = [a for a in (*node.args[1:], node.kwargs.get("dtype")) if a is not None]
         return len(dtypes) == 1 and isinstance(dtypes[0], torch.dtype) and dtypes[0].is_floating_point
     if node.op == "call_method" and node.target in _LAYOUT_METHODS:
@@ -63,7 +65,7 @@ def _is_floating(value) -> bool:
 
 
 def _is_cast(node: fx.Node) -> bool:
-    return node.op == "call_method" and node.target in (*_CASTS, "type_as")
+    return node.op == "call_method" and node.target in (*_CAST_METHODS, "to", "type_as")
 
 
 class _Readers:

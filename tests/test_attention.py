@@ -660,10 +660,12 @@ class AttentionThenLayers(torch.nn.Module):
             return self.out(out.view(torch.int32).view(out.dtype))
         if self.reader == "gathered":  # a gather by an index tensor
             return self.out(out[:, torch.arange(out.shape[1] - 1, -1, -1)])
+        if self.reader == "cast":  # x.float(): a cast, regrouping nothing
+            return self.out(out.float().to(out.dtype))
         return self.out(out) + out  # "residual": the layer reads FP8, the residual BF16
 
 
-@pytest.mark.parametrize("reader, fed", [("residual", 1), ("gated", 0), ("reinterpreted", 0), ("gathered", 0)])
+@pytest.mark.parametrize("reader, fed", [("residual", 1), ("cast", 1), ("gated", 0), ("reinterpreted", 0), ("gathered", 0)])
 def test_only_regroupings_of_the_attention_output_are_read_in_fp8(reader, fed):
     """What is not a plain regrouping of the attention output keeps its requantization; a
     residual next to the fed layer reads the output dequantized. Either way the numbers are the
