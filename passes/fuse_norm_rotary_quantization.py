@@ -173,14 +173,14 @@ class FuseNormRotaryQuantization(GraphPass):
         calls = [n for n in fx_graph.nodes if n.op == "call_function" and n.target is attention.fp8_attention]
         fused = 0
         # the tables' maxima, once per pair of tables (the query's and the key's, every block's of a graph)
-        self._table_maxima: dict[tuple[fx.Node, fx.Node], fx.Node] = {}
+        table_maxima: dict[tuple[fx.Node, fx.Node], fx.Node] = {}
         for call in calls:
             query, key = call.args[0], call.args[1]
             smallest = min(example_value(query).numel(), example_value(key).numel())
             bound = MagnitudeBound(fx_graph, call, max_measured_numel=smallest // MEASURED_FRACTION)
             for index, name in ((0, "query"), (1, "key")):
                 # operands with no bound measure their amax (a graph that writes in place, say)
-                if call.args[4 + index] is not None and self._fuse(fx_graph, call, index, name, bound):
+                if call.args[4 + index] is not None and self._fuse(fx_graph, call, index, name, bound, table_maxima):
                     fused += 1
         if calls:
             logger.info(
@@ -189,7 +189,9 @@ class FuseNormRotaryQuantization(GraphPass):
                 2 * len(calls),
             )
 
-    def _fuse(self, fx_graph: fx.Graph, call: fx.Node, index: int, name: str, bound: MagnitudeBound) -> bool:
+    def _fuse(
+        self, fx_graph: fx.Graph, call: fx.Node, index: int, name: str, bound: MagnitudeBound, table_maxima: dict
+    ) -> bool:
         operand = call.args[index]
         layout = operand if _call(operand, *_LAYOUTS) else None
         matched = match_rotary_norm(layout.args[0] if layout is not None else operand)
@@ -202,9 +204,9 @@ class FuseNormRotaryQuantization(GraphPass):
         with fx_graph.inserting_before(call):
             tables = _measured_tables(table_bounds)
             if tables is not None:
-                if tables not in self._table_maxima:
-                    self._table_maxima[tables] = fx_graph.call_function(attention.rotary_table_maxima, tables)
-                rotary_bound = self._table_maxima[tables]
+                if tables not in table_maxima:
+                    table_maxima[tables] = fx_graph.call_function(attention.rotary_table_maxima, tables)
+                rotary_bound = table_maxima[tables]
             elif any(isinstance(b, fx.Node) for b in table_bounds):
                 rotary_bound = fx_graph.call_function(torch.add, tuple(table_bounds))
             else:

@@ -610,6 +610,14 @@ def test_parts_with_and_without_a_norm_weight_are_not_fused():
         attention.rms_norm_rotary_fp8(text, image, None, torch.ones(64), 1e-6, 1e-6, cos, sin, 2.0)
 
 
+def test_a_rotary_bound_of_more_than_two_rows_of_partial_maxima_is_refused():
+    """The fused kernel sums at most two rows of partial maxima (|cos| and |sin|)."""
+    text, image = torch.randn(1, 4, 2, 64), torch.randn(1, 6, 2, 64)
+    cos, sin = _rotary_tables(10, 64)
+    with pytest.raises(ValueError, match=r"rotary_bound of shape \[3, 4\]"):
+        attention.rms_norm_rotary_fp8(text, image, None, None, 1e-6, 1e-6, cos, sin, torch.ones(3, 4))
+
+
 WITHOUT_FEED = PassManager([p for p in FP8_PASSES.passes if not isinstance(p, FeedFp8AttentionOutput)])
 
 
