@@ -387,7 +387,7 @@ def _rms_norm_rotary_fp8_kernel(
     tl.store(out, q.to(tl.float8e4nv), mask=mask)
 
 
-@torch.library.custom_op("fp8_compile::rms_norm_rotary_fp8", mutates_args=())
+@triton_op("fp8_compile::rms_norm_rotary_fp8", mutates_args=())
 def rms_norm_rotary_fp8(
     first: torch.Tensor,
     second: torch.Tensor | None,
@@ -404,13 +404,18 @@ def rms_norm_rotary_fp8(
     last stride, [S, D] tables with a unit last stride, ``rotary_bound`` a contiguous float32
     [R <= 2, P] tensor of partial maxima (or None: ``rotary_factor`` is the bound).
 
-    An opaque op, not a ``triton_op``: Inductor's analysis of which arguments a Triton kernel
-    writes gives up on this one (its pair split and join), assumes every input is written, and
-    then copies Q or K twice and the rotary tables back after each call. The price is host time:
-    ~200 us per call on an H100's host (23 ms of a FLUX forward); two triton_op variants without
-    split / join cost more GPU time than that saves (BENCHMARKS.md, ninth session)."""
-    out, scale = _rms_norm_rotary_outputs(first, second)
-    B, S, H, D = out.shape
+    A ``triton_op``, so that Inductor launches the kernel from its own code (an opaque custom op
+    cost ~200 us of host per call, 23 ms of a FLUX forward). Inductor must see that the kernel
+    writes only ``out`` and ``scale``: where its analysis fails it assumes every input written
+    and copies Q, K and the tables around each call, so the kernel keeps to what torch 2.11's
+    analysis reads (float arguments cast with ``tl.cast``: the analysis passes them as Python
+    numbers, which have no ``.to``)."""
+    B, S, H, D = first.shape
+    S += second.shape[1] if second is not None else 0
+    out = torch.empty((B, S, H, D), dtype=torch.float8_e4m3fn, device=first.device)
+    # the scale in a 1-element buffer, returned as a 0-dim view: Inductor lowers a 0-dim
+    # empty() as a kernel that writes it (one launch per call)
+    scale = torch.empty(1, dtype=torch.float32, device=first.device)
     other = second if second is not None else first
     heads = min(ROTARY_HEADS_PER_PROGRAM, triton.next_power_of_2(H))
 
@@ -419,7 +424,7 @@ def rms_norm_rotary_fp8(
     def grid(meta):
         return (triton.cdiv(B * S, meta["BLOCK_S"]), triton.cdiv(H, heads))
 
-    _rms_norm_rotary_fp8_kernel[grid](
+    wrap_triton(_rms_norm_rotary_fp8_kernel)[grid](
         first, other, weight_first if weight_first is not None else first, weight_second if weight_second is not None else first,
         cos, sin, rotary_bound if rotary_bound is not None else cos, out, scale,
         B * S, S, first.shape[1], H, D,
@@ -428,19 +433,7 @@ def rms_norm_rotary_fp8(
         SECOND=second is not None, WEIGHTS=weight_first is not None, BOUND_TENSOR=rotary_bound is not None,
         BOUND_PARTS_PAD=triton.next_power_of_2(bound_parts), HEADS=heads, D_PAD=triton.next_power_of_2(D),
     )
-    return out, scale
-
-
-@rms_norm_rotary_fp8.register_fake
-def _(first, second, weight_first, weight_second, eps_first, eps_second, cos, sin, rotary_bound, rotary_factor):
-    return _rms_norm_rotary_outputs(first, second)
-
-
-def _rms_norm_rotary_outputs(first: torch.Tensor, second: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    B, tokens, H, D = first.shape
-    tokens += second.shape[1] if second is not None else 0
-    out = torch.empty((B, tokens, H, D), dtype=torch.float8_e4m3fn, device=first.device)
-    return out, torch.empty((), dtype=torch.float32, device=first.device)
+    return out, scale.view(())
 
 
 # programs (and partial maxima per table) of rotary_table_maxima: each fused q/k program reads

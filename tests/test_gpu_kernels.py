@@ -142,11 +142,12 @@ def test_rotary_table_maxima_kernel(tokens, head_dim):
     assert torch.isnan(maxima[1]).any() and not torch.isnan(maxima[0]).any()
 
 
-def test_inductor_sees_what_the_table_maxima_kernel_writes():
-    """The rotary tables' maxima kernel is a triton_op that Inductor launches itself; its analysis
-    of what the kernel writes must succeed (where it fails, as torch 2.11's did on the fused q/k
-    kernel's split and join, Inductor assumes every input written and copies the tables each
-    call). Compiled, the query (fused op fed by the maxima) is the eager one."""
+def test_inductor_sees_what_the_fused_q_k_kernels_write():
+    """The fused q/k kernel and the rotary tables' maxima kernel are triton_ops that Inductor
+    launches itself; its analysis of what each kernel writes must succeed (where it fails, as
+    torch 2.11's did on a float argument's ``.to()``, Inductor assumes every input written and
+    copies Q, K and the tables around each call). Compiled, the query is the eager one, and no
+    kernel is spent on the 0-dim scale."""
     import logging
 
     records = []
@@ -165,11 +166,14 @@ def test_inductor_sees_what_the_table_maxima_kernel_writes():
 
     try:
         torch._dynamo.reset()
-        compiled = torch.compile(query, fullgraph=True)(text, image, cos, sin)
+        compiled, (code,) = run_and_get_code(torch.compile(query, fullgraph=True), text, image, cos, sin)
     finally:
         logger.removeHandler(handler)
     assert not [r for r in records if "assuming every input is mutated" in r.getMessage()]
+    assert code.count("_rms_norm_rotary_fp8_kernel") >= 1 and "fp8_compile.rms_norm_rotary_fp8" not in code
+    assert not re.search(r"def triton_\w+_empty", code)
     eager = query(text, image, cos, sin)
+    assert compiled[1].shape == eager[1].shape == ()
     assert torch.equal(compiled[0].float(), eager[0].float()) and torch.equal(compiled[1], eager[1])
 
 
