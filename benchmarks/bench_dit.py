@@ -10,6 +10,9 @@ forward, and the relative error of the output against BF16 eager. ``--floor`` ad
 (each GEMM shape at the FP8 rate measured here, plus the measured attention time); ``--profile
 ROW`` adds a per-category breakdown of that row's GPU time from torch.profiler and its host
 time; ``--warm-compile ROW`` compiles the row again in a second process with warm caches.
+``--isolate`` runs each row in a process of its own, one after the other on the same GPU: a
+row's speed then does not depend on the rows before it (second FP8 rows of one process were
+measured 7-50% slower than first ones, ninth session).
 """
 
 from __future__ import annotations
@@ -62,12 +65,21 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes held by ``t``; a tensor subclass (torchao's float8 weights) by its inner tensors,
+    since its own element size is that of the dtype it stands for."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
 def weight_gb(model: nn.Module) -> float:
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) not in seen:
             seen.add(id(t))
-            total += t.numel() * t.element_size()
+            total += tensor_bytes(t)
     return total / 1e9
 
 
@@ -170,7 +182,12 @@ def run_row(row: str, spec, res: Resolution, reference: torch.Tensor | None, arg
     # Triton kernels launched with programmatic dependent launch (Hopper), each starting while
     # the kernel before it drains
     # "combo": Inductor's combo kernels, independent small kernels launched as one
-    patches = {"coordinate_descent_tuning": "cdt" in row.split("_"), "combo_kernels": "combo" in row.split("_")}
+    # "cppwrapper": Inductor's generated code calls the kernels from C++, not Python
+    patches = {
+        "coordinate_descent_tuning": "cdt" in row.split("_"),
+        "combo_kernels": "combo" in row.split("_"),
+        "cpp_wrapper": "cppwrapper" in row.split("_"),
+    }
     if "pdl" in row.split("_"):
         if not hasattr(torch._inductor.config.triton, "enable_pdl"):
             raise SystemExit(f"row {row!r}: this torch's Inductor has no triton.enable_pdl")
@@ -341,11 +358,10 @@ def write_json(results: dict, path: str) -> None:
             json.dump(results, f, indent=1)
 
 
-def run_rows(rows: str, run_row: Callable, row_type: type, results: dict, out: str) -> None:
+def run_rows(rows: str, run_row: Callable, row_type: type, results: dict, out: str, reference=None) -> None:
     """Runs each row, ``run_row(row, reference) -> (result, output)``, into ``results["rows"]``;
     the ``bf16_eager`` row's output is the reference of the rows after it. A failing row is
     reported and the others still run; the JSON is written after every row."""
-    reference = None
     for row in rows.split(","):
         try:
             result, output = run_row(row, reference)
@@ -356,6 +372,26 @@ def run_rows(rows: str, run_row: Callable, row_type: type, results: dict, out: s
         results["rows"].append(asdict(result))
         print(json.dumps(asdict(result)), flush=True)
         write_json(results, out)
+
+
+def run_isolated(args, results: dict) -> None:
+    """Each row in a child process (this script with one row); the bf16_eager row's output,
+    the reference of the error column, goes from its child to the next ones through a file."""
+    with tempfile.TemporaryDirectory() as folder:
+        reference = Path(folder) / "reference.pt"
+        for row in args.rows.split(","):
+            out = Path(folder) / "row.json"
+            command = [sys.executable, __file__, "--model", args.model, "--rows", row, "--warmup", str(args.warmup),
+                       "--iters", str(args.iters), "--profile", ",".join(args.profile), "--reference", str(reference),
+                       "--out", str(out)] + ["--host-calls"] * args.host_calls  # fmt: skip
+            child = subprocess.run(command, stdout=subprocess.DEVNULL)
+            if child.returncode == 0 and out.exists():
+                result = json.loads(out.read_text())["rows"][0]
+            else:
+                result = asdict(Row(row, note=f"failed: child process exit status {child.returncode}"))
+            results["rows"].append(result)
+            print(json.dumps(result), flush=True)
+            write_json(results, args.out)
 
 
 def warm_compile_seconds(model: str, row: str) -> float:
@@ -377,6 +413,8 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="comma-separated rows to profile")
     parser.add_argument("--host-calls", action="store_true", help="the profiled rows also list their costliest host calls")
     parser.add_argument("--warm-compile", default="", help="comma-separated rows to compile again in a second process")
+    parser.add_argument("--isolate", action="store_true", help="each row in a process of its own")
+    parser.add_argument("--reference", default="", help=argparse.SUPPRESS)  # a child's reference output file
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     args.profile = [r for r in args.profile.split(",") if r]
@@ -395,7 +433,19 @@ def main() -> None:
     if args.floor:
         results["floor"] = gemm_floor(spec, res)
         print("floor", {k: v for k, v in results["floor"].items() if k != "shapes"}, flush=True)
-    run_rows(args.rows, lambda row, reference: run_row(row, spec, res, reference, args), Row, results, args.out)
+    if args.isolate:
+        run_isolated(args, results)
+    else:
+        reference_file = Path(args.reference) if args.reference else None
+        reference = torch.load(reference_file) if reference_file and reference_file.exists() else None
+
+        def run_and_keep(row, reference):
+            result, output = run_row(row, spec, res, reference, args)
+            if reference_file and row == "bf16_eager":
+                torch.save(output, reference_file)
+            return result, output
+
+        run_rows(args.rows, run_and_keep, Row, results, args.out, reference)
     for row in results["rows"]:
         if row["name"] in args.warm_compile.split(","):
             row["warm_compile_s"] = warm_compile_seconds(args.model, row["name"])
