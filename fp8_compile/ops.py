@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.torch_version import TorchVersion
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
@@ -24,6 +25,9 @@ AMAX_FLOOR = 1e-12
 # 12 bytes per element of a chunk) stay small: done whole, Wan2.2's time_proj (5120 x 30720)
 # needed 2 GB on top of the model during conversion.
 WEIGHT_CHUNK_ELEMENTS = 1 << 22
+# torch's CPU _scaled_mm takes row and column scales from 2.13 on; 2.11's takes one scale per
+# operand (an internal assert otherwise), so there the scales are applied after the product
+CPU_SCALED_MM_TAKES_VECTORS = TorchVersion(torch.__version__) >= "2.13"
 
 
 def _amax(t: torch.Tensor, granularity: str, dim: int) -> torch.Tensor:
@@ -172,6 +176,11 @@ def fp8_matmul(
 
     A float32 output takes its bias afterwards: CUDA's ``_scaled_mm`` refuses a bias with a
     float32 output ("Bias is not supported when out_dtype is set to Float32")."""
+    if x_fp8.device.type == "cpu" and not CPU_SCALED_MM_TAKES_VECTORS and (x_scale.numel() > 1 or weight_scale.numel() > 1):
+        one = torch.ones((), device=x_fp8.device)
+        product = torch._scaled_mm(x_fp8, weight_fp8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        out = product * x_scale * weight_scale.t()
+        return (out if bias is None else out + bias).to(out_dtype)
     epilogue_bias = bias if out_dtype != torch.float32 else None
     out = torch._scaled_mm(
         x_fp8,

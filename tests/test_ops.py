@@ -113,6 +113,30 @@ def test_fp8_linear_is_within_the_e4m3_bound_of_float64(granularity, bias):
     assert ((out2d.double() - ref).norm() / ref.norm()) < 0.08
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_fp8_matmul_scales_after_the_product_where_the_cpu_gemm_takes_one_scale(monkeypatch, out_dtype):
+    """torch 2.11's CPU _scaled_mm takes one scale per operand: there fp8_matmul multiplies with
+    unit scales and applies row and column scales and the bias after, the same numbers (float32
+    sums in both; one output rounding apart at most)."""
+    torch.manual_seed(0)
+    x, w, bias = torch.randn(6, 64) * 3, torch.randn(32, 64) * 0.05, torch.randn(32)
+    wq, w_scale = ops.quantize_weight(w, "per_row")
+    xq, x_scale = ops.quantize_activation(x, "per_row")
+    native = ops.fp8_matmul(xq, x_scale, wq, w_scale, bias.to(out_dtype), out_dtype, False)
+    gemm_scales = []
+    real_scaled_mm = torch._scaled_mm
+
+    def one_scale_gemm(a, b, scale_a, scale_b, **kwargs):
+        gemm_scales.append((scale_a.numel(), scale_b.numel()))
+        return real_scaled_mm(a, b, scale_a, scale_b, **kwargs)
+
+    monkeypatch.setattr(ops, "CPU_SCALED_MM_TAKES_VECTORS", False)
+    monkeypatch.setattr(torch, "_scaled_mm", one_scale_gemm)
+    after = ops.fp8_matmul(xq, x_scale, wq, w_scale, bias.to(out_dtype), out_dtype, False)
+    assert gemm_scales == [(1, 1)] and after.dtype == out_dtype
+    torch.testing.assert_close(after, native, rtol=2**-8 if out_dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+
+
 def test_nan_or_inf_activation_gives_nan_not_a_finite_value():
     w = torch.randn(16, 32, dtype=torch.bfloat16)
     wq, w_scale = ops.quantize_weight(w, "per_tensor")
