@@ -374,21 +374,26 @@ def run_rows(rows: str, run_row: Callable, row_type: type, results: dict, out: s
         write_json(results, out)
 
 
-def run_isolated(args, results: dict) -> None:
-    """Each row in a child process (this script with one row); the bf16_eager row's output,
-    the reference of the error column, goes from its child to the next ones through a file."""
+def run_in_child(model: str, row: str, options: list[str]) -> tuple[int, dict | None]:
+    """This script on ``row`` alone, in a child process: its exit status and the row's results
+    (None where it failed)."""
     with tempfile.TemporaryDirectory() as folder:
-        reference = Path(folder) / "reference.pt"
+        out = Path(folder) / "row.json"
+        command = [sys.executable, __file__, "--model", model, "--rows", row, "--out", str(out), *options]
+        status = subprocess.run(command, stdout=subprocess.DEVNULL).returncode
+        return status, json.loads(out.read_text())["rows"][0] if status == 0 and out.exists() else None
+
+
+def run_isolated(args, results: dict) -> None:
+    """Each row in a child process; the bf16_eager row's output, the reference of the error
+    column, goes from its child to the next ones through a file."""
+    with tempfile.TemporaryDirectory() as folder:
+        options = ["--warmup", str(args.warmup), "--iters", str(args.iters), "--profile", ",".join(args.profile),
+                   "--reference", str(Path(folder) / "reference.pt")] + ["--host-calls"] * args.host_calls  # fmt: skip
         for row in args.rows.split(","):
-            out = Path(folder) / "row.json"
-            command = [sys.executable, __file__, "--model", args.model, "--rows", row, "--warmup", str(args.warmup),
-                       "--iters", str(args.iters), "--profile", ",".join(args.profile), "--reference", str(reference),
-                       "--out", str(out)] + ["--host-calls"] * args.host_calls  # fmt: skip
-            child = subprocess.run(command, stdout=subprocess.DEVNULL)
-            if child.returncode == 0 and out.exists():
-                result = json.loads(out.read_text())["rows"][0]
-            else:
-                result = asdict(Row(row, note=f"failed: child process exit status {child.returncode}"))
+            status, result = run_in_child(args.model, row, options)
+            if result is None:
+                result = asdict(Row(row, note=f"failed: child process exit status {status}"))
             results["rows"].append(result)
             print(json.dumps(result), flush=True)
             write_json(results, args.out)
@@ -397,10 +402,10 @@ def run_isolated(args, results: dict) -> None:
 def warm_compile_seconds(model: str, row: str) -> float:
     """Compile seconds of ``row`` in a fresh process that finds this one's caches (Inductor's
     FX graph and autotuning caches, under TORCHINDUCTOR_CACHE_DIR) filled."""
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        command = [sys.executable, __file__, "--model", model, "--rows", row, "--warmup", "0", "--iters", "1", "--out", out.name]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        return json.loads(Path(out.name).read_text())["rows"][0]["compile_s"]
+    status, result = run_in_child(model, row, ["--warmup", "0", "--iters", "1"])
+    if result is None:
+        raise RuntimeError(f"the warm compile of {row!r} failed: child process exit status {status}")
+    return result["compile_s"]
 
 
 def main() -> None:
