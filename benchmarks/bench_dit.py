@@ -38,7 +38,13 @@ import torch.nn.functional as F
 import fp8_compile
 import fp8_compile.inductor
 from fp8_compile.backend import FP8_PASSES
-from fp8_compile.passes import FeedFp8AttentionOutput, FuseNormRotaryQuantization, QuantizeAttention, RealRotaryEmbedding
+from fp8_compile.passes import (
+    FeedFp8AttentionOutput,
+    FuseNormRotaryQuantization,
+    FuseSiblingGemms,
+    QuantizeAttention,
+    RealRotaryEmbedding,
+)
 from fp8_compile.zoo import DITS, Resolution, first_output
 
 ALL_PASSES = list(FP8_PASSES.passes)
@@ -134,11 +140,13 @@ def prepare(row: str, model: nn.Module) -> tuple[nn.Module, str]:
         # "complexrope": without the pass that writes complex rotary embeddings in real arithmetic;
         # "amax": FP8 attention's Q and K scaled by their measured amax, not their norm's bound;
         # "unfused": Q and K normalized, rotated and cast by Inductor's kernels, not the fused one;
-        # "requant": the attention output dequantized and quantized again for the layer after it
+        # "requant": the attention output dequantized and quantized again for the layer after it;
+        # "separate": layers that read one activation (to_q / to_k / to_v) keep a GEMM each
         left_out = (
             (RealRotaryEmbedding,) * ("complexrope" in parts)
             + (FuseNormRotaryQuantization,) * ("unfused" in parts)
             + (FeedFp8AttentionOutput,) * ("requant" in parts)
+            + (FuseSiblingGemms,) * ("separate" in parts)
         )
         FP8_PASSES.passes = [
             QuantizeAttention(bound_operands="amax" not in parts) if isinstance(p, QuantizeAttention) else p

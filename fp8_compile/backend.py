@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch._dynamo.exc import RestartAnalysis
 
 from fp8_compile.config import Fp8Config
-from fp8_compile.convert import convert_owner_of, is_pending, keep_weights
+from fp8_compile.convert import convert_owner_of, is_pending, keep_weights, pack_for_fused_gemms
 from fp8_compile.hardware import device_of, select_lowering
 from fp8_compile.inductor import compile_graph as compile_with_inductor
 from fp8_compile.modules import ScaledLinear
@@ -33,6 +33,7 @@ from fp8_compile.passes import (
     FeedFp8AttentionOutput,
     FuseActivationQuantization,
     FuseNormRotaryQuantization,
+    FuseSiblingGemms,
     FuseSiluIntoWeightOnly,
     LINEAR_TARGETS,
     Fp8Graph,
@@ -60,6 +61,7 @@ FP8_PASSES = PassManager(
         FuseNormRotaryQuantization(),  # fuse: Q/K RMSNorm + rotary embedding + FP8 cast in one kernel
         LowerBlockScaledLinear(),  # quantize: block-FP8 layers -> group-quantize + block-scaled GEMM
         ShareActivationQuantization(),  # fuse: one quantization per activation read by several layers
+        FuseSiblingGemms(),  # fuse: the layers reading one quantized activation as one GEMM (q/k/v)
         FuseActivationQuantization(),  # fuse: GELU / SiLU-gating (+ cat) and the quantization in one pass
         FeedFp8AttentionOutput(),  # fuse: the layer after an FP8 attention reads its FP8 output
         LowerWeightOnly(),  # lower: weight-only layers -> dequantize + GEMM
@@ -122,7 +124,9 @@ def compile_graph(graph: Fp8Graph, mode: str | None) -> Callable:
     # Inductor rewrites the graph module it is given in place; a failure can leave it half done.
     uncompiled = _copy_graph_module(graph.gm)
     try:
-        return compile_with_inductor(graph.gm, graph.example_inputs, graph.device, mode, graph.config.cudagraphs)
+        compiled = compile_with_inductor(graph.gm, graph.example_inputs, graph.device, mode, graph.config.cudagraphs)
+        pack_for_fused_gemms(graph.packed_tensors)  # now that Inductor has seen them where Dynamo did
+        return compiled
     except RestartAnalysis:
         raise  # Dynamo asking to trace the frame again (e.g. with its float scalars as tensors)
     except Exception as error:

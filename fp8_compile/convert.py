@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from fp8_compile.activation_scales import assign_static_scales
 from fp8_compile.blockwise import BlockScaledLinear, describe_blocks
 from fp8_compile.config import DEFAULT_TOWER_LAYERS, DTYPE_READ_LAYERS, Fp8Config
 from fp8_compile.modules import ScaledLinear
+from fp8_compile import ops
 from fp8_compile.ops import CONVERTIBLE_DTYPES, GEMM_ALIGNMENT, all_finite
 from fp8_compile.moe import EXPERT_WEIGHTS, apply_expert_plans, is_experts_module, plan_experts
 from fp8_compile.patterns import LayerPattern, LayerPatterns, closest_names
@@ -210,43 +211,97 @@ def keep_weights(weights: Iterable[torch.Tensor], reason: str) -> None:
         _KEPT_WEIGHTS[weight] = reason
 
 
-def _modules_on_call_stack() -> list[nn.Module]:
+# The frames of module calls (module(...)). Reading a frame's locals makes Python (before 3.13)
+# keep a snapshot of them with the frame until it returns: read only these frames' (the call's
+# own arguments) first, and a user's frames (holding e.g. the last step's inputs) only as a
+# last resort.
+_MODULE_CALLS = (nn.Module._wrapped_call_impl.__code__, nn.Module._call_impl.__code__)
+
+
+def _modules_on_call_stack(module_calls_only: bool) -> list[nn.Module]:
     """The nn.Modules whose methods are running now, innermost first (compile wrappers unwrapped)."""
     found: list[nn.Module] = []
     frame = sys._getframe(1)
     while frame is not None:
-        module = frame.f_locals.get("self")
-        if isinstance(module, nn.Module):
-            module = getattr(module, "_orig_mod", module)
-            if not any(module is m for m in found):
-                found.append(module)
+        if not module_calls_only or frame.f_code in _MODULE_CALLS:
+            module = frame.f_locals.get("self")
+            if isinstance(module, nn.Module):
+                module = getattr(module, "_orig_mod", module)
+                if not any(module is m for m in found):
+                    found.append(module)
         frame = frame.f_back
     return found
 
+def _named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from module.named_parameters(remove_duplicate=False)
+    yield from module.named_buffers(remove_duplicate=False)
+
+
+def running_owner(tensors: Iterable[torch.Tensor]) -> tuple[nn.Module, nn.Module] | None:
+    """(owner, root): the innermost running module holding all ``tensors`` (as parameters or
+    buffers) and the outermost running module around it; None if no running module holds them.
+
+    With regional compilation (``compile_repeated_blocks``, ``block.compile()``) the owner is one
+    block, and the other blocks of its class, which share its compiled graph, are in ``root``.
+    """
+    wanted = {id(t) for t in tensors}
+    for module_calls_only in (True, False):  # modules called as module(...), then any method's self
+        stack = _modules_on_call_stack(module_calls_only)
+        owner = next((m for m in stack if wanted <= {id(t) for _, t in _named_tensors(m)}), None)
+        if owner is not None:
+            return owner, [m for m in stack if any(sub is owner for sub in m.modules())][-1]
+    return None
+
 
 def convert_owner_of(weights: list[torch.Tensor], config: Fp8Config) -> dict[int, ScaledLinear]:
-    """Convert the model that owns ``weights``, found among the modules running on the call stack.
-
-    The owner is the innermost running module holding all of them: the compiled model, or with
-    regional compilation (``compile_repeated_blocks``, ``block.compile()``) one block. Blocks
-    of one class share one compiled graph, so every module of the owner's class inside the
-    outermost running model is converted with it; that model names the layers. Returns what
-    :func:`convert_model` returns.
+    """Convert the model that owns ``weights``, found among the modules running on the call stack
+    (:func:`running_owner`): the owner and every module of its class inside the outermost running
+    model, which names the layers. Returns what :func:`convert_model` returns.
     """
-    stack = _modules_on_call_stack()
-    wanted = {id(w) for w in weights}
-    owner = next((m for m in stack if wanted <= {id(p) for p in m.parameters()}), None)
-    if owner is None:
+    found = running_owner(weights)
+    if found is None:
         raise RuntimeError(
             "omni_fp8 could not find the nn.Module that owns the weights it was asked to quantize "
             "(a compiled function rather than a module?). Compile the module itself with "
             "torch.compile(module, backend='omni_fp8'), or convert it first with "
             "fp8_compile.quantize_(module, options)."
         )
-    root = [m for m in stack if any(sub is owner for sub in m.modules())][-1]
+    owner, root = found
     named = []
     for unit_name, unit in root.named_modules():
         if type(unit) is type(owner):
             prefix = f"{unit_name}." if unit_name else ""
             named.extend((prefix + name, module) for name, module in unit.named_modules())
     return convert_model(root, named, config)
+
+
+def pack_for_fused_gemms(groups: list[list[torch.Tensor]]) -> None:
+    """Lay each group of tensors out back to back in one storage (``ops.packed_rows``), as the
+    fused GEMM that reads them as one tensor expects, in the compiled module and in every module
+    of its class: blocks of one class share one compiled graph, and a block laid out at its first
+    call instead could be laid out inside a CUDA-graph warm-up, whose memory pool must not come
+    to hold weights. A block whose tensors differ (a layer kept in BF16 there) is left as it is;
+    the GEMM then concatenates them at each call."""
+    found = running_owner(t for group in groups for t in group)
+    if found is None:  # a graph called outside any module: only its own tensors are known
+        for group in groups:
+            ops.packed_rows(group)
+        return
+    owner, root = found
+    names = {id(t): name for name, t in _named_tensors(owner)}
+    plans = [[names[id(t)] for t in group] for group in groups]
+    for unit in root.modules():
+        if type(unit) is not type(owner):
+            continue
+        tensors = dict(_named_tensors(unit))
+        for plan, group in zip(plans, groups):
+            twins = [tensors.get(name) for name in plan]
+            if all(_same_layout(twin, t) for twin, t in zip(twins, group)):
+                ops.packed_rows(twins)
+
+def _same_layout(twin: object, tensor: torch.Tensor) -> bool:
+    return (
+        isinstance(twin, torch.Tensor)
+        and (twin.dtype, twin.shape, twin.device) == (tensor.dtype, tensor.shape, tensor.device)
+        and twin.is_contiguous()
+    )

@@ -3,15 +3,16 @@
 The backend applies them in this order: match -> (lower to weight-only where the device has no
 FP8 GEMM) -> rotary embeddings in real arithmetic -> quantize linears -> quantize attention (option
 ``fp8_attention``) -> fuse the queries' and keys' norm, rotation and cast -> lower block-scaled
-layers -> share activation quantization -> fuse activation functions into the quantization ->
-feed FP8 attention outputs to the layers after them -> lower weight-only layers -> their input's
-SiLU into their kernel; Inductor then fuses the remaining element-wise work into its kernels and
+layers -> share activation quantization -> one GEMM for the layers that read the same activation
+-> fuse activation functions into the quantization -> feed FP8 attention outputs to the layers
+after them -> lower weight-only layers -> their input's SiLU into their kernel; Inductor then fuses the remaining element-wise work into its kernels and
 generates them.
 """
 
 from fp8_compile.passes.feed_fp8_attention_output import FeedFp8AttentionOutput
 from fp8_compile.passes.fuse_activation_quantization import FuseActivationQuantization
 from fp8_compile.passes.fuse_norm_rotary_quantization import FuseNormRotaryQuantization
+from fp8_compile.passes.fuse_sibling_gemms import FuseSiblingGemms
 from fp8_compile.passes.fuse_silu_into_weight_only import FuseSiluIntoWeightOnly
 from fp8_compile.passes.graph import (
     LINEAR_TARGETS,
@@ -36,6 +37,7 @@ __all__ = [
     "FeedFp8AttentionOutput",
     "FuseActivationQuantization",
     "FuseNormRotaryQuantization",
+    "FuseSiblingGemms",
     "FuseSiluIntoWeightOnly",
     "LINEAR_TARGETS",
     "Fp8Graph",

@@ -57,6 +57,9 @@ class Fp8Graph:
     device: torch.device
     lowering: Lowering
     layers: list[LinearLayer] = field(default_factory=list)
+    # Module tensors that fused GEMMs read as one: laid out back to back once the graph is
+    # compiled (before, AOTAutograd would find them moved from where Dynamo saw them).
+    packed_tensors: list[list[torch.Tensor]] = field(default_factory=list)
 
     def placeholder_values(self) -> dict[fx.Node, object]:
         """The example input bound to each placeholder node."""

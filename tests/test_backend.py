@@ -73,6 +73,41 @@ def test_explicit_conversion_then_compile_traces_once(tiny_flux_fp32, caplog):
     assert all(model.get_submodule(n).weight is w for n, w in weights.items())
 
 
+def test_layers_reading_one_activation_run_as_one_gemm_on_their_own_tensors(tiny_flux_fp32):
+    """to_q/to_k/to_v read one activation, and compiled they run as one GEMM over their tensors
+    laid back to back in one storage: the modules keep the same tensor objects and values, the
+    output is the uncompiled FP8 model's, nothing recompiles. A weight replaced after compiling
+    is laid out again on the next call, and its values are the ones used."""
+    model, inputs, _ = tiny_flux_fp32
+    fp8_compile.quantize_(model)
+    attn = model.transformer_blocks[0].attn
+    layers = [attn.to_q, attn.to_k, attn.to_v]
+    weights = [m.weight for m in layers]
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    compiled = torch.compile(model, backend="omni_fp8")
+    with torch.no_grad():
+        out = first_output(compiled(**inputs))
+        compiled(**inputs)
+        assert rel_error(out, first_output(model(**inputs))) < 1e-5
+    assert unique_graphs() == 1
+    assert all(m.weight is w for m, w in zip(layers, weights))
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+    rows = attn.to_q.out_features
+    for name in ("weight", "weight_scale", "bias"):
+        tensors = [getattr(m, name) for m in layers]
+        assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1, name
+        assert [t.storage_offset() for t in tensors] == [i * rows * tensors[0][0].numel() for i in range(3)], name
+
+    attn.to_k.weight = attn.to_q.weight.clone()  # a new tensor, with other values
+    attn.to_k.weight_scale = attn.to_q.weight_scale.clone()
+    with torch.no_grad():
+        changed = first_output(compiled(**inputs))
+        assert rel_error(changed, first_output(model(**inputs))) < 1e-5
+    assert rel_error(changed, out) > 1e-3
+    assert attn.to_k.weight.untyped_storage().data_ptr() == attn.to_q.weight.untyped_storage().data_ptr()
+    assert unique_graphs() == 1
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_graph_runs_the_fp8_gemm(device):
     model, inputs = build("flux", device=device)
@@ -81,7 +116,11 @@ def test_compiled_graph_runs_the_fp8_gemm(device):
     with torch.no_grad():
         _, (code, *_) = run_and_get_code(compiled, **inputs)
     n_fp8 = len(fp8_compile.quantization_report(model).by_decision(Decision.FP8))
-    assert len(re.findall(r"\b_scaled_mm(?:\.default)?\(", code)) == n_fp8
+    # one GEMM per FP8 layer, but to_q/to_k/to_v (+ proj_mlp in single blocks) share one: 2 per
+    # double block, 1 per single block (2 + 2 blocks)
+    packed = len(re.findall(r"\bpacked_fp8_matmul(?:\.default)?\(", code))
+    assert packed == 2 * 2 + 2
+    assert len(re.findall(r"\b_scaled_mm(?:\.default)?\(", code)) + packed == n_fp8 - 2 * 2 * 2 - 2 * 3
     assert "fp8_compile.scaled_linear" not in code  # lowered, not called as the eager op
 
 
@@ -102,12 +141,12 @@ def test_recompiles_are_bounded_over_resolutions_and_share_the_fp8_weights(tiny_
     with torch.no_grad():
         first = spec.inputs(model, Resolution(*sizes[0]))
         compiled(**first)  # converts the weights
+        compiled(**first)  # compiles the FP8 graph (and lays out q/k/v's tensors for their GEMM)
+        warm = unique_graphs()
         layers = [m for m in model.modules() if isinstance(m, ScaledLinear)]
         addresses = [(m.weight.data_ptr(), m.weight_scale.data_ptr()) for m in layers]
         gc.collect()
         before = _live_storages()
-        compiled(**first)  # compiles the FP8 graph
-        warm = unique_graphs()
         for height, width in sizes[1:]:
             inputs = spec.inputs(model, Resolution(height, width))
             compiled(**inputs)
@@ -188,9 +227,22 @@ def _bake_first_block_weights(gm, example_inputs):
 
 
 def test_regional_compile_uses_each_blocks_own_weights(tiny_flux_fp32):
+    """Each block computes with its own weights. The fused q/k/v GEMM's layout is made for every
+    block when the shared graph is compiled, before the other blocks first run (a block laid out
+    at its first call could be laid out inside a CUDA-graph warm-up)."""
     model, inputs, copy_for_control = tiny_flux_fp32
     fp8_compile.quantize_(model)
+    laid_out = []
+
+    def record_layout(block, args, kwargs):
+        weights = [m.weight for m in (block.attn.to_q, block.attn.to_k, block.attn.to_v)]
+        laid_out.append(bool(fp8_compile.ops._back_to_back(weights)))
+
+    for block in (model.transformer_blocks[-1], model.single_transformer_blocks[-1]):
+        block.register_forward_pre_hook(record_layout, with_kwargs=True)
     assert _regional_error(model, inputs, "omni_fp8") < 1e-3
+    assert laid_out[:2] == [False, False]  # the eager reference, before compiling
+    assert laid_out[2:] == [True] * 6  # 3 compiled forwards, each block laid out already
 
     # The same check catches a backend that shares one block's weights across blocks.
     fp8_compile.quantize_(copy_for_control)

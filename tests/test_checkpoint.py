@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fp8_compile
-from fp8_compile import Decision, ScaledLinear
+from fp8_compile import Decision, ScaledLinear, ops
 from fp8_compile.blockwise import BlockScaledLinear, quantize_weight_blocks
 from fp8_compile.calibration import calibrate, zoo_runs
 from fp8_compile.checkpoint import load_quantized, save_quantized, skeleton
@@ -72,6 +72,23 @@ def test_round_trip_is_bit_identical(tmp_path, options):
         if isinstance(module, ScaledLinear):
             twin = fresh.get_submodule(name)
             assert type(twin) is type(module) and twin.extra_repr() == module.extra_repr()
+    with torch.no_grad():
+        assert torch.equal(first_output(fresh(**inputs)), first_output(model(**inputs)))
+
+
+def test_weights_packed_for_one_gemm_save_and_load_as_they_are(tmp_path):
+    """Compiling lays to_q/to_k/to_v's tensors back to back in one storage (their fused GEMM
+    reads them as one); such a model saves and loads bit for bit, each tensor on its own."""
+    model, inputs = build("flux")
+    fp8_compile.quantize_(model)
+    attn = model.transformer_blocks[0].attn
+    for name in ("weight", "weight_scale", "bias"):
+        ops.packed_rows([getattr(m, name) for m in (attn.to_q, attn.to_k, attn.to_v)])
+    assert attn.to_k.weight.untyped_storage().data_ptr() == attn.to_q.weight.untyped_storage().data_ptr()
+    save_quantized(model, tmp_path / "flux.safetensors")
+    fresh = flux_skeleton()
+    load_quantized(fresh, tmp_path / "flux.safetensors")
+    same_tensors(model, fresh)
     with torch.no_grad():
         assert torch.equal(first_output(fresh(**inputs)), first_output(model(**inputs)))
 

@@ -105,6 +105,7 @@ def _run_rank(rank: int, init_method: str, results: Path, fp8_attention: bool) -
                 "converted_once": all(model.get_submodule(n).weight is w for n, w in weights.items()),
                 "fp8_layers": len(report.by_decision(Decision.FP8)),
                 "scaled_mm_calls": code.count("_scaled_mm("),
+                "packed_gemm_calls": code.count("fp8_compile.packed_fp8_matmul.default("),
                 "all_to_all_calls": code.count("_c10d_functional.all_to_all_single.default("),
                 "fp8_sdpa_calls": code.count("fp8_compile.fp8_sdpa.default("),
                 "proj_out": next(layer.reason for layer in report.layers if layer.name == "proj_out"),
@@ -133,8 +134,11 @@ def test_fp8_under_ulysses_attention_matches_one_process(tmp_path, fp8_attention
         n_fp8 = seen["fp8_layers"]
         assert n_fp8 == seen["reference_fp8_layers"] > 0 and "hook" in seen["proj_out"]
         # One compiled graph holds the FP8 GEMMs and the Ulysses exchanges: q, k, v and the
-        # attention output of each of the two attentions.
-        assert seen["scaled_mm_calls"] == n_fp8
+        # attention output of each of the two attentions. Layers that read one activation share
+        # a GEMM: q/k/v of the double block's image and text streams, q/k/v + proj_mlp of the
+        # single block.
+        assert seen["packed_gemm_calls"] == 3
+        assert seen["scaled_mm_calls"] == n_fp8 - 3 - 3 - 4
         assert seen["all_to_all_calls"] == 2 * 4
         assert seen["fp8_sdpa_calls"] == (2 if fp8_attention else 0)
         steps = zip(seen["outputs"], seen["references"], seen["fp8_attention_references"])

@@ -239,3 +239,23 @@ def test_quantize_rows_reads_an_fp8_prefix_times_its_scale():
         ops.quantize_rows(x, None, prefix8, "gelu_tanh")
     with pytest.raises(ValueError, match="prefix_scale"):
         ops.quantize_rows(x, None, prefix8.float(), "gelu_tanh", prefix_scale)
+
+
+def test_packed_rows_lays_tensors_back_to_back_and_then_reads_them_without_a_copy():
+    tensors = [torch.randn(n, 8) for n in (16, 32, 16)]
+    values = [t.clone() for t in tensors]
+    packed = ops.packed_rows(tensors)
+    assert torch.equal(packed, torch.cat(values))
+    # the same tensor objects, with the same values, now blocks of one storage
+    assert all(torch.equal(t, v) for t, v in zip(tensors, values))
+    assert [t.storage_offset() for t in tensors] == [0, 16 * 8, 48 * 8]
+    assert ops.packed_rows(tensors).data_ptr() == tensors[0].data_ptr()  # a view now
+    tensors[0].add_(1)  # written in place: the packed view reads it
+    assert torch.equal(ops.packed_rows(tensors)[:16], values[0] + 1)
+
+
+def test_packed_rows_never_repoints_a_tensor_listed_twice():
+    t = torch.randn(16, 8)
+    storage = t.untyped_storage().data_ptr()
+    assert torch.equal(ops.packed_rows([t, t]), torch.cat([t, t]))
+    assert t.untyped_storage().data_ptr() == storage and t.storage_offset() == 0

@@ -38,7 +38,11 @@ def test_flux_graph_after_the_passes():
     report = fp8_compile.quantize_(model)
     graph = traced_after_passes(model, inputs)
     n_fp8 = len(report.by_decision(Decision.FP8))
-    assert count(graph, ops.fp8_matmul) == n_fp8  # every FP8 layer is a scaled-mm node
+    packed = torch.ops.fp8_compile.packed_fp8_matmul.default
+    # to_q/to_k/to_v (with proj_mlp in single blocks) read one activation and run as one GEMM:
+    # 2 per double block (image, text), 1 per single block; the other FP8 layers one GEMM each
+    assert count(graph, packed) == 2 * 2 + 2
+    assert count(graph, ops.fp8_matmul) == n_fp8 - 2 * 2 * 3 - 2 * 4
     assert count(graph, ops.weight_only_linear) == len(report.by_decision(Decision.WEIGHT_ONLY))
     # the 4 double-block MLPs (GELU) and the 2 single blocks (cat + GELU) quantize in one pass
     assert count(graph, ops.quantize_rows) == 6
@@ -47,6 +51,7 @@ def test_flux_graph_after_the_passes():
     # x_embedder, context_embedder and proj_out: 2*8 + 2*2 + 3 = 23 for 37 FP8 layers
     assert n_fp8 == 37
     assert count(graph, ops.quantize_activation) + count(graph, ops.quantize_rows) == 23
+    assert count(graph, ops.fp8_matmul) + count(graph, packed) == 23  # one GEMM per quantization
 
 
 def test_weight_only_lowering_turns_every_layer_weight_only():
