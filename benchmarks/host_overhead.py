@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from fp8_compile import attention
+from fp8_compile import attention, ops
 
 CALLS = 400
 
@@ -53,6 +53,24 @@ def main() -> None:
     b = torch.randn(64, 64, device=device).to(torch.float8_e4m3fn).t()
     results["_scaled_mm"] = host_us(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16))
     results["empty"] = host_us(lambda: torch.empty(64, device=device))
+
+    # to_q / to_k / to_v: three GEMMs, or one over their tensors laid out back to back
+    x8, x_scale = a, torch.ones(64, 1, device=device)
+    qkv = [torch.randn(64, 64, device=device).to(torch.float8_e4m3fn) for _ in range(3)]
+    qkv_scales = [torch.ones(64, 1, device=device) for _ in range(3)]
+    qkv_biases = [torch.zeros(64, device=device, dtype=torch.bfloat16) for _ in range(3)]
+    for tensors in (qkv, qkv_scales, qkv_biases):
+        ops.packed_rows(tensors)
+
+    def three_gemms():
+        for w, s, bias in zip(qkv, qkv_scales, qkv_biases):
+            torch._scaled_mm(x8, w.t(), x_scale, s.t(), bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True)
+
+    packed = torch.ops.fp8_compile.packed_fp8_matmul.default
+    results["q/k/v: 3 x _scaled_mm (per-row scales, bias)"] = host_us(three_gemms)
+    results["q/k/v: packed_fp8_matmul (one GEMM)"] = host_us(
+        lambda: packed(x8, x_scale, qkv, qkv_scales, qkv_biases, torch.bfloat16, True)
+    )
 
     text, image = (torch.randn(1, t, 4, 128, device=device, dtype=torch.bfloat16) for t in (8, 24))
     weights = [torch.ones(128, device=device, dtype=torch.bfloat16) for _ in range(2)]
