@@ -5,7 +5,8 @@ and Inductor traces through them and fuses their element-wise work into the surr
 The ``fp8_compile::scaled_linear`` and ``weight_only_scaled_linear`` custom ops wrap the linear
 layers for eager execution (a converted module run outside ``torch.compile``), and are what the
 passes find in a traced graph; ``dequantized_chunks_mm``, the weight-only GEMM for many rows, is
-an op so that Inductor keeps it whole.
+an op so that Inductor keeps it whole, and ``packed_fp8_matmul``, the one GEMM of layers that read
+the same activation, so that it checks where its operands lie at every call.
 """
 
 from __future__ import annotations
@@ -199,8 +200,8 @@ def packed_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
 
     The layers of one fused GEMM keep their weights, scales and biases as blocks of rows of one
     storage, each tensor still its module's own (same object, shape and values), so the GEMM
-    reads them as one tensor. Tensors not laid out that way (first call, or moved or replaced
-    since) are copied into one new storage and each re-pointed at its block with ``set_``: the
+    reads them as one tensor. Tensors not laid out that way (not yet, or moved or replaced since)
+    are copied into one new storage and each re-pointed at its block with ``set_``: the
     model's tensors change address, never value. While a CUDA graph is captured nothing is
     re-pointed, and the concatenation is a copy.
     """
@@ -218,6 +219,7 @@ def packed_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
             t.set_(packed.untyped_storage(), offset, t.shape, t.stride())
             offset += t.numel()
     return packed
+
 
 def _back_to_back(tensors: list[torch.Tensor]) -> int:
     """The bytes of ``tensors`` if they are contiguous, of one dtype, one after the other in one

@@ -54,6 +54,17 @@ def test_flux_graph_after_the_passes():
     assert count(graph, ops.fp8_matmul) + count(graph, packed) == 23  # one GEMM per quantization
 
 
+
+def test_per_tensor_layers_keep_a_gemm_each():
+    """One GEMM takes one weight scale per tensor: per-tensor q/k/v are not fused (their shared
+    activation is still quantized once)."""
+    model, inputs = build("flux")
+    report = fp8_compile.quantize_(model, {"granularity": "per_tensor"})
+    graph = traced_after_passes(model, inputs, config=Fp8Config(granularity="per_tensor"))
+    assert count(graph, torch.ops.fp8_compile.packed_fp8_matmul.default) == 0
+    assert count(graph, ops.fp8_matmul) == len(report.by_decision(Decision.FP8))
+    assert graph.packed_tensors == []
+
 def test_weight_only_lowering_turns_every_layer_weight_only():
     model, inputs = build("flux")
     report = fp8_compile.quantize_(model)
