@@ -232,6 +232,7 @@ def _modules_on_call_stack(module_calls_only: bool) -> list[nn.Module]:
         frame = frame.f_back
     return found
 
+
 def _named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from module.named_parameters(remove_duplicate=False)
     yield from module.named_buffers(remove_duplicate=False)
@@ -280,8 +281,8 @@ def pack_for_fused_gemms(groups: list[list[torch.Tensor]]) -> None:
     fused GEMM that reads them as one tensor expects, in the compiled module and in every module
     of its class: blocks of one class share one compiled graph, and a block laid out at its first
     call instead could be laid out inside a CUDA-graph warm-up, whose memory pool must not come
-    to hold weights. A block whose tensors differ (a layer kept in BF16 there) is left as it is;
-    the GEMM then concatenates them at each call."""
+    to hold weights. A block whose tensors differ (a layer kept in BF16 there) is left as it is:
+    Dynamo's guards give it a graph of its own, compiled and laid out for it."""
     found = running_owner(t for group in groups for t in group)
     if found is None:  # a graph called outside any module: only its own tensors are known
         for group in groups:
@@ -298,6 +299,7 @@ def pack_for_fused_gemms(groups: list[list[torch.Tensor]]) -> None:
             twins = [tensors.get(name) for name in plan]
             if all(_same_layout(twin, t) for twin, t in zip(twins, group)):
                 ops.packed_rows(twins)
+
 
 def _same_layout(twin: object, tensor: torch.Tensor) -> bool:
     return (
