@@ -21,11 +21,11 @@ import torch.nn as nn
 from torch.utils.weak import WeakIdKeyDictionary
 from tqdm.auto import tqdm
 
+from fp8_compile import ops
 from fp8_compile.activation_scales import assign_static_scales
 from fp8_compile.blockwise import BlockScaledLinear, describe_blocks
 from fp8_compile.config import DEFAULT_TOWER_LAYERS, DTYPE_READ_LAYERS, Fp8Config
 from fp8_compile.modules import ScaledLinear
-from fp8_compile import ops
 from fp8_compile.ops import CONVERTIBLE_DTYPES, GEMM_ALIGNMENT, all_finite
 from fp8_compile.moe import EXPERT_WEIGHTS, apply_expert_plans, is_experts_module, plan_experts
 from fp8_compile.patterns import LayerPattern, LayerPatterns, closest_names

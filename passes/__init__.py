@@ -5,8 +5,8 @@ FP8 GEMM) -> rotary embeddings in real arithmetic -> quantize linears -> quantiz
 ``fp8_attention``) -> fuse the queries' and keys' norm, rotation and cast -> lower block-scaled
 layers -> share activation quantization -> one GEMM for the layers that read the same activation
 -> fuse activation functions into the quantization -> feed FP8 attention outputs to the layers
-after them -> lower weight-only layers -> their input's SiLU into their kernel; Inductor then fuses the remaining element-wise work into its kernels and
-generates them.
+after them -> lower weight-only layers -> their input's SiLU into their kernel; Inductor then
+fuses the remaining element-wise work into its kernels and generates them.
 """
 
 from fp8_compile.passes.feed_fp8_attention_output import FeedFp8AttentionOutput

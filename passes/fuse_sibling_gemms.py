@@ -54,10 +54,10 @@ def _signature(gemm: fx.Node) -> tuple | None:
         return None  # packing re-points module tensors: only graph inputs qualify
     if s.dim() != 2 or s.shape[0] != w.shape[0]:
         return None  # a per-tensor weight scale
-    if bias is not None and (bias.op != "placeholder" or example_value(bias) is None):
+    b = example_value(bias)
+    if bias is not None and (bias.op != "placeholder" or b is None):
         return None
-    bias_dtype = None if bias is None else example_value(bias).dtype
-    return (w.dtype, s.dtype, bias_dtype, out_dtype, fast_accum)
+    return (w.dtype, s.dtype, None if b is None else b.dtype, out_dtype, fast_accum)
 
 
 class FuseSiblingGemms(GraphPass):
@@ -74,11 +74,11 @@ class FuseSiblingGemms(GraphPass):
             for gemms in groups.values():
                 weights = [gemm.args[2] for gemm in gemms]
                 if len(gemms) > 1 and len(set(weights)) == len(weights):
-                    self.pack(graph, values, gemms)
+                    self.record_layout(graph, values, gemms)
                     self.fuse(g, gemms)
 
     @staticmethod
-    def pack(graph: Fp8Graph, values: dict[fx.Node, object], gemms: list[fx.Node]) -> None:
+    def record_layout(graph: Fp8Graph, values: dict[fx.Node, object], gemms: list[fx.Node]) -> None:
         """Ask for the layers' tensors to be laid out as the packed GEMM reads them once the graph
         is compiled, so that no call allocates for it (the first may run inside a CUDA-graph
         warm-up, whose memory pool must not come to hold weights)."""
