@@ -4,7 +4,8 @@
         --out benchmarks/results/flux.json
 
 Every row builds the same model (same seed), converts/compiles it its own way and reports:
-ms per forward (median of CUDA-event timings after warm-up), cold compile seconds (first calls
+ms per forward (median of CUDA-event timings after warm-up, each forward synchronized alone), ms
+per forward of forwards issued back to back as a denoising loop issues them, cold compile seconds (first calls
 until the compiled graph runs), weight GB, peak GB during conversion and during the timed
 forward, and the relative error of the output against BF16 eager. ``--floor`` adds the floor
 (each GEMM shape at the FP8 rate measured here, plus the measured attention time); ``--profile
@@ -12,7 +13,9 @@ ROW`` adds a per-category breakdown of that row's GPU time from torch.profiler a
 time; ``--warm-compile ROW`` compiles the row again in a second process with warm caches.
 ``--isolate`` runs each row in a process of its own, one after the other on the same GPU: a
 row's speed then does not depend on the rows before it (second FP8 rows of one process were
-measured 7-50% slower than first ones, ninth session).
+measured 7-50% slower than first ones, ninth session). Row names are flags joined by "_":
+"regional" (the default) compiles the repeated blocks, "regions" the blocks and the modules around
+them (``fp8_compile.compile_regions``), "whole" the whole model; the other flags are in ``prepare``.
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ RESOLUTIONS = {
 class Row:
     name: str
     ms: float = float("nan")
+    # ms per forward of forwards issued back to back, one synchronize after the last, as a denoising
+    # loop issues them: the host prepares the next forward while the GPU still runs this one
+    loop_ms: float = float("nan")
     compile_s: float = float("nan")
     weight_gb: float = float("nan")
     peak_gb: float = float("nan")
@@ -87,6 +93,19 @@ def weight_gb(model: nn.Module) -> float:
             seen.add(id(t))
             total += tensor_bytes(t)
     return total / 1e9
+
+
+def back_to_back_ms(fn, iters: int) -> float:
+    """ms per call of ``fn`` over ``iters`` calls issued back to back between two CUDA events."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
 
 
 def cuda_time_ms(fn, warmup: int, iters: int) -> float:
@@ -123,7 +142,8 @@ def torchao_convert(model: nn.Module, granularity: str) -> None:
 def prepare(row: str, model: nn.Module) -> tuple[nn.Module, str]:
     """Convert and wrap ``model`` as the row says; returns the callable module and a note."""
     parts = row.split("_")
-    style = "whole" if "whole" in parts else "regional"
+    # "regions": the blocks and, compiled on their own, the modules around them (fp8_compile.compile_regions)
+    style = "whole" if "whole" in parts else "regions" if "regions" in parts else "regional"
     cudagraphs = "cudagraphs" in parts
     mode = "reduce-overhead" if cudagraphs and not row.startswith("omni_fp8") else None
     if row == "bf16_eager":
@@ -169,11 +189,14 @@ def prepare(row: str, model: nn.Module) -> tuple[nn.Module, str]:
         kwargs["options"] = options
     if mode:
         kwargs["mode"] = mode
-    if style == "regional":
-        model.compile_repeated_blocks(fullgraph=True, **kwargs)
-        if cudagraphs:
+    if style in ("regional", "regions"):
+        if style == "regions":
+            fp8_compile.compile_regions(model, fullgraph=True, **kwargs)
+        else:
+            model.compile_repeated_blocks(fullgraph=True, **kwargs)
+        if cudagraphs and style == "regional":  # compile_regions marks them itself
             fp8_compile.mark_cudagraph_steps(model)  # one CUDA-graph generation per forward
-        return model, f"regional {kwargs}"
+        return model, f"{style} {kwargs}"
     return torch.compile(model, **kwargs), f"whole {kwargs}"
 
 
@@ -210,9 +233,13 @@ def run_row(row: str, spec, res: Resolution, reference: torch.Tensor | None, arg
             runner(**inputs)
         torch.cuda.synchronize()
         result.compile_s = time.perf_counter() - start if row != "bf16_eager" else 0.0
+        # where the compile went: the largest of Dynamo's and Inductor's timed phases (they nest)
+        phases = {name: sum(values) for name, values in torch._dynamo.utils.compilation_time_metrics.items()}
+        result.extra["compile_phases_s"] = {k: round(v, 2) for k, v in sorted(phases.items(), key=lambda kv: -kv[1])[:12]}
         result.weight_gb = weight_gb(model)
         torch.cuda.reset_peak_memory_stats()
         result.ms = cuda_time_ms(lambda: runner(**inputs), args.warmup, args.iters)
+        result.loop_ms = back_to_back_ms(lambda: runner(**inputs), args.iters)
         result.peak_gb = torch.cuda.max_memory_allocated() / 1e9
         out = first_output(runner(**inputs))
         if reference is not None:
@@ -264,10 +291,16 @@ def profile_breakdown(fn, host_calls: bool = False) -> dict[str, float]:
     # idle GPU time before each kernel, charged to the category of the kernel that ran before it:
     # where the wall time beyond the kernel sum goes
     idle_after: dict[str, float] = defaultdict(float)
+    idle_between: Counter = Counter()  # the same idle time by the pair of nodes around it
     device_events = sorted(
         (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda e: e.time_range.start
     )
     previous = None
+    # idle time by tenth of the forward: a host that is behind early (the forward's start) or throughout
+    idle_by_tenth = [0.0] * 10
+    if device_events:
+        first_start = device_events[0].time_range.start
+        span = max(1e-9, device_events[-1].time_range.end - first_start)
     for event in device_events:
         category = classify(event.name)
         totals[category] += event.device_time_total / 1e3
@@ -275,13 +308,24 @@ def profile_breakdown(fn, host_calls: bool = False) -> dict[str, float]:
         kernels[event.name][0] += 1
         kernels[event.name][1] += event.device_time_total / 1e3
         if previous is not None:
-            idle_after[classify(previous.name)] += max(0.0, event.time_range.start - previous.time_range.end) / 1e3
+            gap = max(0.0, event.time_range.start - previous.time_range.end) / 1e3
+            idle_after[classify(previous.name)] += gap
+            idle_between[f"{previous.name[:48]} -> {event.name[:48]}"] += gap
+            idle_by_tenth[min(9, int(10 * (event.time_range.start - first_start) / span))] += gap
         previous = event
     result = {k: round(v, 3) for k, v in sorted(totals.items())}
     result["host_ms"] = round(host_ms, 3)
     if device_events:
         result["gpu_span_ms"] = round((device_events[-1].time_range.end - device_events[0].time_range.start) / 1e3, 3)
     result["idle_after_ms"] = {k: round(v, 3) for k, v in sorted(idle_after.items())}
+    # the forward's first nodes: name, start (us from the first node's) and the GPU idle before it
+    result["first_nodes"] = [
+        (e.name[:40], round((e.time_range.start - device_events[0].time_range.start), 1),
+         round(max(0.0, e.time_range.start - p.time_range.end), 1) if p is not None else 0.0)
+        for p, e in zip([None, *device_events[:79]], device_events[:80])
+    ]
+    result["idle_by_tenth_ms"] = [round(v, 3) for v in idle_by_tenth]
+    result["idle_between_ms"] = {k: round(v, 3) for k, v in idle_between.most_common(25)}
     result["kernel_counts"] = dict(counts)
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1][1])
     result["kernels"] = {name[:160]: [calls, round(ms, 3)] for name, (calls, ms) in ranked}
@@ -465,10 +509,10 @@ def main() -> None:
             print(row["name"], "warm compile s", row["warm_compile_s"], flush=True)
     write_json(results, args.out)
     floor = results.get("floor", {}).get("floor_ms")
-    print(f"\n{'row':34} {'ms':>8} {'compile s':>9} {'weights GB':>10} {'peak GB':>8} {'rel err':>8} {'% floor':>8}")
+    print(f"\n{'row':34} {'ms':>8} {'loop ms':>8} {'compile s':>9} {'weights GB':>10} {'peak GB':>8} {'rel err':>8} {'% floor':>8}")
     for r in results["rows"]:
         pct = f"{r['ms'] / floor * 100:7.0f}%" if floor else ""
-        print(f"{r['name']:34} {r['ms']:8.2f} {r['compile_s']:9.1f} {r['weight_gb']:10.2f} {r['peak_gb']:8.2f} {r['rel_err']:8.4f} {pct}")
+        print(f"{r['name']:34} {r['ms']:8.2f} {r.get('loop_ms', float('nan')):8.2f} {r['compile_s']:9.1f} {r['weight_gb']:10.2f} {r['peak_gb']:8.2f} {r['rel_err']:8.4f} {pct}")
 
 
 if __name__ == "__main__":

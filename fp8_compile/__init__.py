@@ -13,6 +13,7 @@ from fp8_compile.convert import quantize_
 from fp8_compile.cudagraphs import mark_cudagraph_steps
 from fp8_compile.modules import ScaledLinear
 from fp8_compile.omni import Omni, OmniDiffusionSamplingParams
+from fp8_compile.regions import compile_regions
 from fp8_compile.report import Decision, LayerReport, QuantizationReport, quantization_report
 
 logging.getLogger("fp8_compile").addHandler(logging.NullHandler())
@@ -36,6 +37,7 @@ __all__ = [
     "OmniDiffusionSamplingParams",
     "QuantizationReport",
     "ScaledLinear",
+    "compile_regions",
     "mark_cudagraph_steps",
     "quantization_report",
     "quantize_",

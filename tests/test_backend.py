@@ -250,13 +250,15 @@ def test_regional_compile_uses_each_blocks_own_weights(tiny_flux_fp32):
     assert _regional_error(copy_for_control, inputs, _bake_first_block_weights) > 0.1
 
 
-@pytest.mark.parametrize("mark_steps", [True, False])
+@pytest.mark.parametrize("style", ["blocks", "blocks_unmarked", "regions"])
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=CUDA)])
-def test_regional_cuda_graphs_need_one_step_per_forward(device, mark_steps):
+def test_regional_cuda_graphs_need_one_step_per_forward(device, style):
     """Regional compile with cudagraphs=True over denoising steps (new timesteps): with
     mark_cudagraph_steps each step equals the same FP8 model compiled without CUDA graphs (the
     same kernels) and nothing recompiles. Without it the trees start a generation per block and
-    the forward fails or goes wrong, which is why the helper exists."""
+    the forward fails or goes wrong, which is why the helper exists. compile_regions (the
+    modules around the blocks compiled too) marks the steps itself."""
+    mark_steps = style != "blocks_unmarked"
     model, inputs = build("flux", device=device)
     with_graphs = copy.deepcopy(model)
     steps = [{**inputs, "timestep": torch.full_like(inputs["timestep"], t)} for t in (0.9, 0.6, 0.3)]
@@ -266,8 +268,11 @@ def test_regional_cuda_graphs_need_one_step_per_forward(device, mark_steps):
         expected = [first_output(model(**step)) for step in steps]
         torch._dynamo.reset()
         fp8_compile.quantize_(with_graphs, {"cudagraphs": True})
-        with_graphs.compile_repeated_blocks(backend="omni_fp8", options={"cudagraphs": True})
-        if mark_steps:
+        if style == "regions":
+            fp8_compile.compile_regions(with_graphs, backend="omni_fp8", options={"cudagraphs": True})
+        else:
+            with_graphs.compile_repeated_blocks(backend="omni_fp8", options={"cudagraphs": True})
+        if style == "blocks":
             fp8_compile.mark_cudagraph_steps(with_graphs)
         try:
             rounds = [[first_output(with_graphs(**step)) for step in steps]]  # warm-up
@@ -283,6 +288,30 @@ def test_regional_cuda_graphs_need_one_step_per_forward(device, mark_steps):
         assert unique_graphs() == graphs  # nothing recompiled over the steps
     else:
         assert max(errors) > 1e-3, errors
+
+
+def test_compile_regions_compiles_the_modules_around_the_blocks_too(tiny_flux_fp32):
+    """compile_regions: the blocks (one graph per class) and each module around them compiled
+    on its own, converted to FP8 like the blocks; the output is the uncompiled FP8 model's and a
+    second forward compiles nothing."""
+    model, inputs, eager = tiny_flux_fp32
+    fp8_compile.quantize_(eager)
+    around = ["pos_embed", "time_text_embed", "context_embedder", "x_embedder", "norm_out", "proj_out"]
+    assert fp8_compile.compile_regions(model, backend="omni_fp8", fullgraph=True) == around
+    with torch.no_grad():
+        model(**inputs)  # converts the weights
+        out = first_output(model(**inputs))
+        graphs = unique_graphs()
+        first_output(model(**inputs))
+        expected = first_output(eager(**inputs))
+    assert unique_graphs() == graphs >= 2 + len(around)  # a graph per block class and per module around
+    assert rel_error(out, expected) < 1e-5
+    assert isinstance(model.proj_out, ScaledLinear) and isinstance(model.context_embedder, ScaledLinear)
+
+
+def test_compile_regions_names_a_model_without_repeated_blocks():
+    with pytest.raises(ValueError, match="compile_regions: Sequential names no repeated blocks"):
+        fp8_compile.compile_regions(nn.Sequential(nn.Linear(4, 4)), backend="omni_fp8")
 
 
 def test_regional_compile_converts_every_block_on_first_use(tiny_flux_fp32):
