@@ -5,8 +5,10 @@ class, and leaves the modules around them eager: for FLUX the timestep, guidance
 embedders, the rotary table (``pos_embed``, computed in float64 at every forward), the input
 embedders and the output norm and projection. Those run first, as ~100 small eager kernels whose
 launches take the host milliseconds while the GPU has nothing else queued: on an H100 the first
-tenth of a FLUX.1-dev forward held 6 of its ~7 ms of GPU idle time (BENCHMARKS.md). Compiled,
-each of those modules is a graph of a few kernels, one cache lookup each.
+tenth of a FLUX.1-dev forward held 6.1 of its 10.0 ms of GPU idle time. Compiled, each of those
+modules is a graph of a few kernels; with CUDA graphs the first tenth then idled 1.6 ms, and
+the forward took 81.1 and 83.9 ms where the blocks alone gave 83.6 and 86.0 on the same machines
+(BENCHMARKS.md, twelfth session).
 """
 
 from __future__ import annotations

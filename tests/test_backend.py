@@ -264,7 +264,12 @@ def test_regional_cuda_graphs_need_one_step_per_forward(device, style):
     steps = [{**inputs, "timestep": torch.full_like(inputs["timestep"], t)} for t in (0.9, 0.6, 0.3)]
     with torch.no_grad():
         fp8_compile.quantize_(model)
-        model.compile_repeated_blocks(backend="omni_fp8")
+        # the same compile without CUDA graphs (in BF16, compiling the modules around the blocks
+        # alone moves this tiny model's output by ~2%)
+        if style == "regions":
+            fp8_compile.compile_regions(model, backend="omni_fp8")
+        else:
+            model.compile_repeated_blocks(backend="omni_fp8")
         expected = [first_output(model(**step)) for step in steps]
         torch._dynamo.reset()
         fp8_compile.quantize_(with_graphs, {"cudagraphs": True})

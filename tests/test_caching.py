@@ -270,13 +270,16 @@ def test_fit_command_prints_coefficients_to_paste(capsys, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("style", ["regional", "whole"])
+@pytest.mark.parametrize("style", ["regional", "regions", "whole"])
 def test_teacache_with_omni_fp8_compiles_once_in_28_steps(style):
     model, inputs = build("flux")
     fp8_compile.quantize_(model)  # else the backend converts on the first call and compiles on the second
     apply_cache(model, "tea_cache", {"rel_l1_thresh": 0.3})
     if style == "regional":
         model.compile_repeated_blocks(backend="omni_fp8")
+        runner = model
+    elif style == "regions":
+        fp8_compile.compile_regions(model, backend="omni_fp8")
         runner = model
     else:
         runner = torch.compile(model, backend="omni_fp8")
@@ -289,7 +292,7 @@ def test_teacache_with_omni_fp8_compiles_once_in_28_steps(style):
     assert pattern[0] == pattern[-1] == "C" and pattern.count("-") >= 10
     # One break per block class where the hook hands over to the compiled block forward; the
     # whole-model graph also breaks at the block loop. Documented in docs/caching.md.
-    assert breaks == {"regional": 3, "whole": 4}[style]
+    assert breaks == {"regional": 3, "regions": 3, "whole": 4}[style]
     print(f"TeaCache + omni_fp8, {style} compile: {graphs} graphs, {breaks} graph breaks, pattern {pattern}")
 
 
