@@ -1,4 +1,4 @@
-"""Regional compile that leaves nothing of the forward eager.
+"""Regional compile of the blocks and of the modules around them.
 
 diffusers' ``compile_repeated_blocks`` compiles the transformer blocks, one graph per block
 class, and leaves the modules around them eager: for FLUX the timestep, guidance and text
