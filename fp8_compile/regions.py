@@ -25,10 +25,11 @@ logger = logging.getLogger("fp8_compile")
 
 
 def compile_regions(model: nn.Module, **compile_kwargs: Any) -> list[str]:
-    """``model.compile_repeated_blocks(**compile_kwargs)``, then every direct child of ``model``
-    that holds no repeated block compiled on its own with the same arguments (``fullgraph``
-    aside: a graph break there costs a split graph, not an error). With ``backend="omni_fp8"`` the
-    model is converted first (``quantize_`` with the same options). With CUDA graphs
+    """``model.compile_repeated_blocks(**compile_kwargs)``, then every child of ``model`` that
+    holds no repeated block (the entries of a ModuleDict or ModuleList child) compiled on its own
+    with the same arguments (``fullgraph`` aside: a graph break there costs a split graph, not an
+    error). With ``backend="omni_fp8"`` the model is converted first (``quantize_`` with the same
+    options). With CUDA graphs
     (``options={"cudagraphs": True}`` or ``mode="reduce-overhead"``) it also marks one CUDA-graph
     step per forward (:func:`mark_cudagraph_steps`). Returns the names of the children compiled.
 
@@ -51,10 +52,23 @@ def compile_regions(model: nn.Module, **compile_kwargs: Any) -> list[str]:
         mark_cudagraph_steps(model)  # one CUDA-graph generation per forward, not per region
     child_kwargs = {key: value for key, value in compile_kwargs.items() if key != "fullgraph"}
     compiled = []
-    for name, child in model.named_children():
-        if any(type(module).__name__ in block_classes for module in child.modules()):
-            continue
+    for name, child in _modules_around(model, block_classes):
         child.compile(**child_kwargs)
         compiled.append(name)
     logger.info("compile_regions: compiled %s's blocks and, around them, %s", type(model).__name__, ", ".join(compiled))
     return compiled
+
+
+def _modules_around(module: nn.Module, block_classes: set[str], prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """The children of ``module`` that hold no repeated block, looking into containers that are
+    never called themselves (``nn.ModuleDict``, ``nn.ModuleList``: Z-Image's ``all_x_embedder``),
+    whose ``.compile()`` would compile nothing."""
+    found = []
+    for name, child in module.named_children():
+        if any(type(m).__name__ in block_classes for m in child.modules()):
+            continue
+        if isinstance(child, (nn.ModuleDict, nn.ModuleList)):
+            found += _modules_around(child, block_classes, f"{prefix}{name}.")
+        else:
+            found.append((prefix + name, child))
+    return found

@@ -314,6 +314,23 @@ def test_compile_regions_compiles_the_modules_around_the_blocks_too(tiny_flux_fp
     assert isinstance(model.proj_out, ScaledLinear) and isinstance(model.context_embedder, ScaledLinear)
 
 
+@pytest.mark.parametrize("name", sorted(DITS))
+def test_compile_regions_compiles_every_module_around_the_blocks_of_each_model(name):
+    """Every model in scope: each module compile_regions names is compiled, holds no block and is
+    callable (a ModuleDict's entries, Z-Image's embedders, rather than the dict), and together with
+    the blocks they hold every parameter of the model's children (the model's own, like Wan's
+    scale_shift_table, serve its forward, which stays eager)."""
+    model, _ = build(name)
+    names = fp8_compile.compile_regions(model, backend="omni_fp8")
+    modules = [model.get_submodule(n) for n in names]
+    blocks = [m for m in model.modules() if type(m).__name__ in model._repeated_blocks]
+    assert all(m._compiled_call_impl is not None for m in modules + blocks), name
+    assert not any(isinstance(m, (nn.ModuleDict, nn.ModuleList)) for m in modules), names
+    covered = {id(p) for m in modules + blocks for p in m.parameters()}
+    own = {id(p) for p in model.parameters(recurse=False)}
+    assert [n for n, p in model.named_parameters() if id(p) not in covered | own] == [], name
+
+
 def test_compile_regions_names_a_model_without_repeated_blocks():
     with pytest.raises(ValueError, match="compile_regions: Sequential names no repeated blocks"):
         fp8_compile.compile_regions(nn.Sequential(nn.Linear(4, 4)), backend="omni_fp8")
